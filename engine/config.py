@@ -1,0 +1,31 @@
+"""Engine configuration: one frozen dataclass; each component takes only the fields it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # a Hugging Face model directory; None: the embedded SmolLM2-135M-Instruct
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: size the KV cache from memory
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length
+    executor: str = "inprocess"  # or "ray"
+    attention_backend: str | None = None  # None: the best available for the device
+    skip_tokenizer_init: bool = False
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 2.0
+    host_prefix_cache_size: int = 1024  # prefixes kept in host memory after eviction from the device
+    allowed_prefix_roots: tuple[str, ...] = ()  # where prefix paths from requests may point
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            if self.dtype not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+            return self.dtype
+        return "bfloat16" if str(self.device).startswith("cuda") else "float32"

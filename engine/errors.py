@@ -1,0 +1,50 @@
+"""Named exceptions for every error a user can cause.
+
+Each one carries a message that says what went wrong and what to do about it. The HTTP server maps them to
+OpenAI-style error bodies by their `http_status`.
+"""
+
+
+class PrefixServeError(Exception):
+    """Base class for user-facing errors."""
+
+    http_status = 400
+
+
+class InvalidSamplingParamsError(PrefixServeError, ValueError):
+    """A SamplingParams field is out of range."""
+
+
+class UnknownPrefixError(PrefixServeError, KeyError):
+    """A request names a prefix that is not registered."""
+
+    http_status = 404
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidAdapterError(PrefixServeError, ValueError):
+    """An adapter directory is not a usable PEFT prefix-tuning adapter (wrong type, corrupt, pickled)."""
+
+
+class AdapterMismatchError(InvalidAdapterError):
+    """A prefix adapter's shape does not match the base model (layers, KV heads, head dim)."""
+
+
+class PromptTooLongError(PrefixServeError, ValueError):
+    """Prefix plus prompt does not fit the model's context, or could never fit in the KV cache."""
+
+
+class UnsupportedModelError(PrefixServeError, ValueError):
+    """The base model's architecture is not one prefix-serve supports."""
+
+
+class PrefixPathError(PrefixServeError, ValueError):
+    """A prefix path from a request lies outside the configured prefix roots."""
+
+    http_status = 403
+
+
+class InvalidPromptError(PrefixServeError, ValueError):
+    """A prompt is empty or holds token ids outside the vocabulary."""

@@ -1,0 +1,145 @@
+"""Prefix registry: names -> PEFT prefix-tuning adapter directories, checked against the base model.
+
+Registering reads only `adapter_config.json`, so a directory of thousands of prefixes registers quickly; the
+tensor file's header is checked the first time a request needs the prefix, and its data is read by the worker
+that materializes it into KV blocks. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import AdapterMismatchError, InvalidAdapterError, PrefixPathError, UnknownPrefixError
+from engine.model_loader import ModelSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TENSOR_NAME = "prompt_embeddings"
+
+
+@dataclass
+class PrefixInfo:
+    name: str
+    path: str
+    num_virtual_tokens: int
+    tensor_checked: bool = False
+
+
+class PrefixRegistry:
+    def __init__(self, spec: ModelSpec, allowed_roots: list[str] | None = None):
+        self.spec = spec
+        self.allowed_roots = [Path(r).resolve() for r in (allowed_roots or [])]
+        self._prefixes: dict[str, PrefixInfo] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._prefixes
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def names(self) -> list[str]:
+        return list(self._prefixes)
+
+    def get(self, name: str) -> PrefixInfo:
+        info = self._prefixes.get(name)
+        if info is None:
+            known = ", ".join(sorted(self._prefixes)[:10]) or "none"
+            raise UnknownPrefixError(f"Unknown prefix {name!r}. Load it first with load_prefix(); "
+                                     f"loaded prefixes: {known}{' ...' if len(self._prefixes) > 10 else ''}.")
+        return info
+
+    def check_path_allowed(self, path: str) -> None:
+        """Paths that come from requests must lie inside a configured root."""
+        if not self.allowed_roots:
+            raise PrefixPathError("Loading prefixes by path is disabled: start the server with --prefix-dir "
+                                  "(or --allowed-prefix-root) to allow paths under that directory.")
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.allowed_roots):
+            roots = ", ".join(str(r) for r in self.allowed_roots)
+            raise PrefixPathError(f"Prefix path {path!r} is outside the allowed prefix roots ({roots}).")
+
+    def register(self, name: str, path: str) -> PrefixInfo:
+        """Check an adapter's config against the base model and register it under `name` (replacing any)."""
+        if not name or not isinstance(name, str):
+            raise InvalidAdapterError(f"A prefix needs a non-empty name, got {name!r}.")
+        info = PrefixInfo(name, str(path), read_adapter_config(path, self.spec))
+        self._prefixes[name] = info
+        return info
+
+    def register_dir(self, root: str) -> list[str]:
+        """Register every subdirectory of `root` that holds an adapter config, named after the subdirectory."""
+        names = []
+        for sub in sorted(Path(root).iterdir()):
+            if (sub / ADAPTER_CONFIG).is_file():
+                self.register(sub.name, str(sub))
+                names.append(sub.name)
+        return names
+
+    def unregister(self, name: str) -> None:
+        self.get(name)
+        del self._prefixes[name]
+
+    def ensure_tensor_ok(self, name: str) -> PrefixInfo:
+        """Check the tensor file's header (name, dtype, shape) once, before any request is scheduled on it."""
+        info = self.get(name)
+        if not info.tensor_checked:
+            check_adapter_tensor(info.path, self.spec, info.num_virtual_tokens)
+            info.tensor_checked = True
+        return info
+
+
+def read_adapter_config(path: str, spec: ModelSpec) -> int:
+    """Validate a PEFT adapter directory's config against the model; returns its number of virtual tokens."""
+    directory = Path(path)
+    config_file = directory / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise InvalidAdapterError(f"{path!r} is not a PEFT adapter directory: {ADAPTER_CONFIG} is missing.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidAdapterError(f"{config_file} is not valid JSON: {exc}") from None
+    peft_type = config.get("peft_type")
+    if peft_type != "PREFIX_TUNING":
+        raise InvalidAdapterError(f"{path!r} is a {peft_type} adapter, not a prefix-tuning adapter "
+                                  "(adapter_config.json must have peft_type PREFIX_TUNING).")
+    if not (directory / ADAPTER_WEIGHTS).is_file():
+        if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+            raise InvalidAdapterError(f"{path!r} holds pickled weights, which prefix-serve never loads. Re-save "
+                                      "the adapter with save_pretrained(..., safe_serialization=True) to get "
+                                      f"{ADAPTER_WEIGHTS}.")
+        raise InvalidAdapterError(f"{path!r} has no {ADAPTER_WEIGHTS}.")
+    expected = {"num_layers": spec.num_layers, "num_attention_heads": spec.num_kv_heads,
+                "token_dim": spec.num_kv_heads * spec.head_dim}
+    for key, want in expected.items():
+        got = config.get(key)
+        if got != want:
+            raise AdapterMismatchError(
+                f"Adapter {path!r} does not match the base model: {key} is {got} in the adapter but the model "
+                f"needs {want} (model: {spec.num_layers} layers, {spec.num_kv_heads} KV heads, head dim "
+                f"{spec.head_dim}). Was it trained for another base model ({config.get('base_model_name_or_path')})?")
+    num_virtual_tokens = config.get("num_virtual_tokens")
+    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise InvalidAdapterError(f"Adapter {path!r} has an invalid num_virtual_tokens: {num_virtual_tokens!r}.")
+    return num_virtual_tokens
+
+
+def check_adapter_tensor(path: str, spec: ModelSpec, num_virtual_tokens: int) -> None:
+    from safetensors import safe_open
+
+    weights = Path(path) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+            if TENSOR_NAME not in keys:
+                raise InvalidAdapterError(f"{weights} has no {TENSOR_NAME!r} tensor (found {keys}).")
+            shape = list(f.get_slice(TENSOR_NAME).get_shape())
+    except InvalidAdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise InvalidAdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
+    want = [num_virtual_tokens, spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim]
+    if shape != want:
+        raise AdapterMismatchError(f"{weights}: {TENSOR_NAME} has shape {shape}, but num_virtual_tokens and the "
+                                   f"base model need {want}.")

@@ -1,0 +1,1 @@
+"""Scheduler: request queue, continuous-batching policy and the block manager."""

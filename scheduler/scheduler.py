@@ -1,0 +1,162 @@
+"""Continuous batching: each step picks which sequences advance by how many tokens, under one token budget.
+
+There are no prefill and decode phases. A sequence only tracks `num_computed_tokens` against `num_tokens`; a
+step gives each running sequence what it still lacks (one token when decoding, a chunk when prefilling), then
+admits waiting sequences while the budget, `max_num_seqs` and free blocks allow. A prefixed sequence starts with
+its prefix already computed, so admitting it costs no prefill for the prefix.
+
+When the running sequences need more blocks than exist, the newest one is preempted: its blocks are freed and
+it is recomputed later from its tokens, which gives the same greedy output.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler.block_manager import BlockManager, CopyOnWrite, PrefixEntry
+from scheduler.request import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int
+    is_new: bool  # the worker has no state for it yet (first admission or resumed after preemption)
+    table_from: int  # block-table entries from here on changed this step
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    copies: list[CopyOnWrite] = field(default_factory=list)
+    prefix_loads: list[PrefixEntry] = field(default_factory=list)
+    dropped_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted since last step
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._dropped: list[int] = []
+        self._holds_prefix: set[int] = set()
+        self.num_preemptions = 0
+
+    # ---- queue ----------------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.num_computed_tokens = seq.num_prefix_tokens
+        self.waiting.append(seq)
+
+    def add_running_fork(self, parent: Sequence, child: Sequence) -> None:
+        """A child of an n > 1 request shares its parent's blocks and prefix pin from the start."""
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        if parent.request.prefix is not None:
+            self.block_manager.acquire_prefix(parent.request.prefix, parent.num_prefix_tokens)
+            self._holds_prefix.add(child.seq_id)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Stop a sequence (done or aborted) and release everything it holds at once."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_uncomputed, budget)
+            while bm.blocks_needed(seq.seq_id, seq.num_computed_tokens, num_new) > bm.num_available_blocks():
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(self._advance(seq, num_new, is_new=False, out=out))
+                budget -= num_new
+                index += 1
+        while (self.waiting and budget > 0 and not out.num_preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed, budget)
+            if self._admission_cost(seq, num_new) > bm.num_available_blocks(keep_prefix=seq.request.prefix):
+                break
+            self.waiting.popleft()
+            self._admit(seq, out)
+            out.scheduled.append(self._advance(seq, num_new, is_new=True, out=out))
+            budget -= num_new
+        out.dropped_seq_ids, self._dropped = self._dropped, []
+        return out
+
+    def _admission_cost(self, seq: Sequence, num_new: int) -> int:
+        bm = self.block_manager
+        prefix = seq.request.prefix
+        if prefix is None:
+            return bm.blocks_needed(None, seq.num_computed_tokens, num_new)
+        prefix_blocks = bm.blocks_for(seq.num_prefix_tokens)
+        load = 0 if bm.is_resident(prefix) else prefix_blocks
+        return load + bm.blocks_needed(None, seq.num_computed_tokens, num_new, prefix_blocks=prefix_blocks)
+
+    def _admit(self, seq: Sequence, out: SchedulerOutput) -> None:
+        entry = None
+        if seq.request.prefix is not None:
+            entry, is_new = self.block_manager.acquire_prefix(seq.request.prefix, seq.num_prefix_tokens)
+            self._holds_prefix.add(seq.seq_id)
+            if is_new:
+                out.prefix_loads.append(entry)
+        self.block_manager.allocate(seq.seq_id, entry)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _advance(self, seq: Sequence, num_new: int, is_new: bool, out: SchedulerOutput) -> ScheduledSeq:
+        result = self.block_manager.append_slots(seq.seq_id, seq.num_computed_tokens, num_new)
+        out.copies.extend(result.copies)
+        return ScheduledSeq(seq, num_new, is_new, 0 if is_new else result.table_from)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.seq_id in self.block_manager.tables:
+            self.block_manager.free(seq.seq_id)
+            self._dropped.append(seq.seq_id)
+        if seq.seq_id in self._holds_prefix:
+            self._holds_prefix.discard(seq.seq_id)
+            self.block_manager.release_prefix(seq.request.prefix)
+
+    def check_integrity(self) -> None:
+        bm = self.block_manager
+        bm.check_integrity()
+        assert set(bm.tables) == {s.seq_id for s in self.running}, "block tables do not match running sequences"

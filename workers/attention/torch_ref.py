@@ -1,0 +1,80 @@
+"""Torch reference backend: paged attention with gathers and SDPA. Runs anywhere; the parity referee for kernels.
+
+Decode rows (one new token each) are gathered into one padded batch; each prefill chunk runs on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workers.attention.base import AttentionBackend, AttentionMetadata
+
+
+@dataclass
+class _Plan:
+    decode_rows: torch.Tensor | None  # [Bd] packed row of each decode token
+    decode_slots: torch.Tensor | None  # [Bd, max_len] cache slots, padded with slot 0
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_len] True where a key is real
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row_start, row_end, slots [L], mask [q, L])
+
+
+def sequence_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of a sequence's first `length` tokens: [length] int64."""
+    idx = torch.arange(length, device=block_table.device)
+    return block_table.long()[idx // block_size] * block_size + idx % block_size
+
+
+class TorchPagedAttention(AttentionBackend):
+    name = "torch"
+
+    @classmethod
+    def is_supported(cls) -> bool:
+        return True
+
+    def plan(self, meta: AttentionMetadata) -> _Plan:
+        starts = meta.query_start_loc.tolist()
+        decode, prefills = [], []
+        for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+            slots = sequence_slots(meta.block_tables[s], seq_len, meta.block_size)
+            if q_len == 1:
+                decode.append((starts[s], slots))
+                continue
+            key_pos = torch.arange(seq_len, device=slots.device)
+            query_pos = seq_len - q_len + torch.arange(q_len, device=slots.device)
+            prefills.append((starts[s], starts[s] + q_len, slots, key_pos[None, :] <= query_pos[:, None]))
+        if not decode:
+            return _Plan(None, None, None, prefills)
+        max_len = max(len(slots) for _, slots in decode)
+        device = meta.slot_mapping.device
+        padded = torch.zeros(len(decode), max_len, dtype=torch.long, device=device)
+        mask = torch.zeros(len(decode), 1, 1, max_len, dtype=torch.bool, device=device)
+        for i, (_, slots) in enumerate(decode):
+            padded[i, : len(slots)] = slots
+            mask[i, ..., : len(slots)] = True
+        rows = torch.tensor([row for row, _ in decode], dtype=torch.long, device=device)
+        return _Plan(rows, padded, mask, prefills)
+
+    def forward(self, query, key_cache, value_cache, meta):
+        plan: _Plan = meta.plan
+        num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+        flat_k = key_cache.view(num_blocks * block_size, kv_heads, head_dim)
+        flat_v = value_cache.view(num_blocks * block_size, kv_heads, head_dim)
+        out = torch.empty_like(query)
+        gqa = self.num_heads != self.num_kv_heads
+        if plan.decode_rows is not None:
+            q = query[plan.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+            k = flat_k[plan.decode_slots].transpose(1, 2)  # [Bd, KVH, max_len, D]
+            v = flat_v[plan.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale,
+                                               enable_gqa=gqa)
+            out[plan.decode_rows] = o.squeeze(2)
+        for start, end, slots, mask in plan.prefills:
+            q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+            k = flat_k[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+            v = flat_v[slots].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            out[start:end] = o.squeeze(0).transpose(0, 1)
+        return out

@@ -1,0 +1,85 @@
+"""Executors: where workers live. In-process for tests and debugging, or Ray actors, one per device.
+
+Both take the engine's step as msgpack bytes and return the worker's result as bytes, so the engine cannot
+tell them apart. Ray is imported only by the Ray executor, so `import engine` works without it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from engine.model_loader import ModelSpec
+from workers.worker import Worker, WorkerConfig
+
+
+class Executor(ABC):
+    num_blocks: int
+
+    @abstractmethod
+    def execute(self, step: bytes) -> bytes: ...
+
+    @abstractmethod
+    def forget_prefix(self, path: str) -> None: ...
+
+    def shutdown(self) -> None:
+        pass
+
+
+class InProcessExecutor(Executor):
+    def __init__(self, config: WorkerConfig, spec: ModelSpec):
+        self.worker = Worker(config, spec)
+        self.num_blocks = self.worker.kv_cache.num_blocks
+
+    def execute(self, step: bytes) -> bytes:
+        return self.worker.execute(step)
+
+    def forget_prefix(self, path: str) -> None:
+        self.worker.forget_prefix(path)
+
+
+class _WorkerActor:
+    """The Ray actor: a thin shell around a plain Worker."""
+
+    def __init__(self, config: WorkerConfig, spec: ModelSpec):
+        self.worker = Worker(config, spec)
+
+    def num_blocks(self) -> int:
+        return self.worker.kv_cache.num_blocks
+
+    def execute(self, step: bytes) -> bytes:
+        return self.worker.execute(step)
+
+    def forget_prefix(self, path: str) -> None:
+        self.worker.forget_prefix(path)
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: WorkerConfig, spec: ModelSpec):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
+        on_gpu = str(config.device).startswith("cuda")
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(_WorkerActor)
+        if on_gpu:
+            config = WorkerConfig(**{**config.__dict__, "device": "cuda"})  # Ray sets CUDA_VISIBLE_DEVICES
+        self._ray = ray
+        self.actor = actor_cls.remote(config, spec)
+        self.num_blocks = ray.get(self.actor.num_blocks.remote())
+
+    def execute(self, step: bytes) -> bytes:
+        return self._ray.get(self.actor.execute.remote(step))
+
+    def forget_prefix(self, path: str) -> None:
+        self._ray.get(self.actor.forget_prefix.remote(path))
+
+    def shutdown(self) -> None:
+        self._ray.kill(self.actor)
+
+
+def make_executor(kind: str, config: WorkerConfig, spec: ModelSpec) -> Executor:
+    if kind == "inprocess":
+        return InProcessExecutor(config, spec)
+    if kind == "ray":
+        return RayExecutor(config, spec)
+    raise ValueError(f"Unknown executor {kind!r}; choose 'inprocess' or 'ray'.")

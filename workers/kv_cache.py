@@ -1,0 +1,92 @@
+"""The paged KV cache of one worker, and the one function that lays a PEFT prefix out as cache entries.
+
+Layout: `data` is [num_layers, 2 (key, value), num_blocks, block_size, num_kv_heads, head_dim]; layer l's key
+cache is data[l, 0] and its value cache data[l, 1], each in the attention-backend layout.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from engine.model_loader import ModelSpec
+
+
+def peft_prefix_to_kv(prompt_embeddings: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """PEFT's saved prefix [P, L*2*kv_heads*head_dim] -> per-layer KV [L, 2, P, kv_heads, head_dim].
+
+    PEFT reads the tensor as view(P, 2L, kv_heads, head_dim); entry 2l holds layer l's keys and 2l+1 its values.
+    The keys are used exactly as stored: no rotary embedding is applied to prefix keys.
+    """
+    num_tokens = prompt_embeddings.shape[0]
+    kv = prompt_embeddings.view(num_tokens, 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    kv = kv.permute(1, 0, 2, 3)  # [2L, P, kv_heads, head_dim]
+    return kv.reshape(spec.num_layers, 2, num_tokens, spec.num_kv_heads, spec.head_dim)
+
+
+def read_prefix_kv(path: str, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Load an adapter's prefix from safetensors (never pickle) as [L, 2, P, kv_heads, head_dim]."""
+    from safetensors.torch import load_file
+
+    from engine.prefix_registry import ADAPTER_WEIGHTS, TENSOR_NAME
+
+    tensor = load_file(f"{path}/{ADAPTER_WEIGHTS}")[TENSOR_NAME]
+    return peft_prefix_to_kv(tensor.to(dtype), spec).contiguous()
+
+
+class HostPrefixCache:
+    """LRU of prefix KV tensors in host memory, so an evicted prefix comes back without a disk read."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str, load) -> torch.Tensor:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        value = load()
+        if self.capacity > 0:
+            self._entries[key] = value
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return value
+
+    def discard(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+class KVCache:
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: str):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.data = torch.zeros(spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
+                                dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[layer_idx, 0], self.data[layer_idx, 1]
+
+    def _flat(self) -> torch.Tensor:
+        layers, _, blocks, size, heads, dim = self.data.shape
+        return self.data.view(layers, 2, blocks * size, heads, dim)
+
+    def write_prefix(self, kv: torch.Tensor, block_ids: list[int]) -> None:
+        """Write a prefix's KV ([L, 2, P, kv_heads, head_dim]) into its blocks, token i at block i // size."""
+        idx = torch.arange(kv.shape[2])
+        blocks = torch.tensor(block_ids, dtype=torch.long)[idx // self.block_size]
+        slots = (blocks * self.block_size + idx % self.block_size).to(self.data.device)
+        self._flat().index_copy_(2, slots, kv.to(self.data.device, self.data.dtype))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (all layers, keys and values) from src to dst."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.data.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.data.device)
+        self.data[:, :, dst] = self.data[:, :, src]

@@ -1,0 +1,35 @@
+"""Versioned msgpack messages between the engine and its workers. Each step carries only what changed.
+
+StepMessage (engine -> worker), version 1:
+  {"v": 1,
+   "drop": [seq_id, ...],                     # finished, aborted or preempted: forget their state
+   "prefix_loads": [{"name", "path", "blocks", "num_tokens"}],   # materialize into these blocks first
+   "copies": [[src_block, dst_block], ...],    # copy-on-write, after the loads, before the forward
+   "seqs": [entry, ...]}                       # scheduled sequences, in batch order
+  entry for a sequence the worker has not seen (or that was preempted):
+   {"id", "n" (tokens this step), "new": 1, "tokens", "prompt_len", "prefix_len", "computed", "table",
+    "sampling": {"temperature", "top_p", "top_k", "seed"}, "index" (sample index), "fork_ids": [...]}
+  entry for a known sequence: {"id", "n", ["table_from", "table_tail"] when its block table changed}
+StepResult (worker -> engine): {"v": 1, "sampled": [[seq_id, [token, ...]], ...]}
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+VERSION = 1
+
+
+class ProtocolError(RuntimeError):
+    pass
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb({**message, "v": VERSION}, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    message = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if message.get("v") != VERSION:
+        raise ProtocolError(f"message version {message.get('v')} but this side speaks version {VERSION}")
+    return message

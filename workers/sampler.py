@@ -1,0 +1,62 @@
+"""Sampling: greedy, temperature, top-k and top-p, with reproducible per-request seeds.
+
+A seeded row draws from a generator seeded by (seed, sample index, output position), so its tokens do not
+depend on what else is in the batch, on preemption, or on which worker runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampleRow:
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    sample_index: int  # which of the request's n samples
+    step: int  # how many output tokens the sequence has already
+    count: int = 1  # how many tokens to draw (n when a prompt's first token forks n samples)
+
+
+def _row_seed(seed: int, sample_index: int, step: int) -> int:
+    return (seed * 1_000_003 + sample_index * 10_007 + step) % (2**63 - 1)
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[list[int]]:
+    """logits [R, vocab] (fp32) -> for each row, `count` token ids."""
+    greedy = logits.argmax(dim=-1).tolist()
+    results: list[list[int]] = []
+    for r, row in enumerate(rows):
+        if row.temperature == 0:
+            results.append([greedy[r]] * row.count)
+            continue
+        probs = _filtered_probs(logits[r], row)
+        tokens = []
+        for j in range(row.count):
+            generator = None
+            if row.seed is not None:
+                generator = torch.Generator(device=probs.device)
+                generator.manual_seed(_row_seed(row.seed, row.sample_index + j, row.step))
+            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+        results.append(tokens)
+    return results
+
+
+def _filtered_probs(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    logits = logits.float() / row.temperature
+    if row.top_k > 0 and row.top_k < logits.numel():
+        kth = torch.topk(logits, row.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if row.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest set whose mass reaches top_p: drop a token when the mass before it already does
+        drop = sorted_probs.cumsum(0) - sorted_probs >= row.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs

@@ -1,0 +1,147 @@
+"""Worker: owns one device's model runner and KV cache, and mirrors the state of the sequences it runs.
+
+It is a plain object: the in-process executor calls it directly and the Ray executor wraps it in an actor.
+Both speak the msgpack messages of `workers.messages`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.model_loader import ModelSpec
+from workers import messages
+from workers.kv_cache import HostPrefixCache, KVCache, read_prefix_kv
+from workers.model_runner import ModelRunner, StepInputs, load_model
+from workers.sampler import SampleRow, sample
+
+
+@dataclass
+class WorkerConfig:
+    model_path: str
+    device: str
+    dtype: str
+    block_size: int
+    num_blocks: int | None  # None: size the cache from memory (see kv_cache_num_blocks)
+    attention_backend: str
+    host_prefix_cache_size: int = 1024
+    cpu_kv_cache_bytes: int = 2 << 30
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass
+class SeqState:
+    tokens: list[int]
+    prompt_len: int
+    prefix_len: int
+    computed: int
+    table: list[int]
+    sampling: dict
+    index: int
+    fork_ids: list[int] = field(default_factory=list)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, spec: ModelSpec):
+        self.config = config
+        self.spec = spec
+        dtype = _dtype(config.dtype)
+        model = load_model(config.model_path, dtype, config.device)
+        num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
+        self.kv_cache = KVCache(spec, num_blocks, config.block_size, dtype, config.device)
+        self.runner = ModelRunner(model, spec, self.kv_cache, config.attention_backend)
+        self.host_prefixes = HostPrefixCache(config.host_prefix_cache_size)
+        self.seqs: dict[int, SeqState] = {}
+
+    def _num_blocks_from_memory(self, dtype: torch.dtype) -> int:
+        """CPU: a fixed budget. CUDA: what is left of gpu_memory_utilization x total after the weights load,
+        keeping a margin for activations."""
+        per_block = KVCache.bytes_per_block(self.spec, self.config.block_size, dtype)
+        if str(self.config.device).startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
+            activations = 2 << 30
+            budget = int(total * self.config.gpu_memory_utilization) - used - activations
+        else:
+            budget = self.config.cpu_kv_cache_bytes
+        if budget < per_block * 4:
+            raise RuntimeError(f"Not enough memory for a KV cache: {budget} bytes left, one block needs {per_block}."
+                               " Lower the model size or raise gpu_memory_utilization.")
+        return budget // per_block
+
+    def execute(self, data: bytes) -> bytes:
+        msg = messages.unpack(data)
+        for seq_id in msg.get("drop", ()):
+            self.seqs.pop(seq_id, None)
+        load_seconds = [self._materialize_prefix(load) for load in msg.get("prefix_loads", ())]
+        self.kv_cache.copy_blocks([tuple(p) for p in msg.get("copies", ())])
+        scheduled = [self._update_state(entry) for entry in msg.get("seqs", ())]
+        sampled = self._run(scheduled) if scheduled else []
+        return messages.pack({"sampled": sampled, "load_seconds": load_seconds})
+
+    def forget_prefix(self, key: str) -> None:
+        """Called when a prefix registration is unloaded or replaced: drop its host copy."""
+        self.host_prefixes.discard(key)
+
+    def _materialize_prefix(self, load: dict) -> float:
+        start = time.perf_counter()
+        dtype = self.kv_cache.data.dtype
+        kv = self.host_prefixes.get(load["name"], lambda: read_prefix_kv(load["path"], self.spec, dtype))
+        self.kv_cache.write_prefix(kv, load["blocks"])
+        return time.perf_counter() - start
+
+    def _update_state(self, entry: dict) -> tuple[int, SeqState, int]:
+        if entry.get("new"):
+            state = SeqState(entry["tokens"], entry["prompt_len"], entry["prefix_len"], entry["computed"],
+                             entry["table"], entry["sampling"], entry["index"], entry.get("fork_ids", []))
+            self.seqs[entry["id"]] = state
+        else:
+            state = self.seqs[entry["id"]]
+            if "table_from" in entry:
+                del state.table[entry["table_from"]:]
+                state.table.extend(entry["table_tail"])
+        return entry["id"], state, entry["n"]
+
+    def _run(self, scheduled: list[tuple[int, SeqState, int]]) -> list:
+        block_size = self.config.block_size
+        step = StepInputs([], [], [], [], [], [], [])
+        sample_rows: list[tuple[int, SeqState, SampleRow]] = []
+        for seq_id, state, num_new in scheduled:
+            start = state.computed  # KV-stream index of the first new token; also its position id
+            first_token = start - state.prefix_len
+            step.input_ids.extend(state.tokens[first_token:first_token + num_new])
+            step.positions.extend(range(start, start + num_new))
+            step.slot_mapping.extend(state.table[i // block_size] * block_size + i % block_size
+                                     for i in range(start, start + num_new))
+            step.query_lens.append(num_new)
+            step.seq_lens.append(start + num_new)
+            step.block_tables.append(state.table)
+            state.computed += num_new
+            if state.computed == state.prefix_len + len(state.tokens):
+                step.sample_rows.append(len(step.input_ids) - 1)
+                s = state.sampling
+                count = 1 + len(state.fork_ids)
+                sample_rows.append((seq_id, state, SampleRow(s["temperature"], s["top_p"], s["top_k"], s["seed"],
+                                                             state.index, len(state.tokens) - state.prompt_len,
+                                                             count)))
+        logits = self.runner.execute(step)
+        if not sample_rows:
+            return []
+        tokens = sample(logits, [row for _, _, row in sample_rows])
+        results = []
+        for (seq_id, state, _), toks in zip(sample_rows, tokens):
+            for offset, (child_id, token) in enumerate(zip(state.fork_ids, toks[1:]), start=1):
+                # a child of an n > 1 request: the same prompt and blocks, its own first token
+                self.seqs[child_id] = SeqState(state.tokens + [token], state.prompt_len, state.prefix_len,
+                                               state.computed, list(state.table), state.sampling,
+                                               state.index + offset)
+            state.fork_ids = []
+            state.tokens.append(toks[0])
+            results.append([seq_id, toks])
+        return results
