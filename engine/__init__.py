@@ -1,15 +1,26 @@
 """prefix-serve: serve many PEFT prefix-tuned tasks on one frozen LLM.
 
-Public API: LLM, SamplingParams, RequestOutput, CompletionOutput and the named errors.
+Public API: LLM, SamplingParams, RequestOutput, CompletionOutput and the named errors. Names are resolved
+lazily, so that importing a submodule (as workers do) does not pull in the whole engine.
 """
 
-from engine.errors import (AdapterMismatchError, InvalidAdapterError, InvalidPromptError,
-                           InvalidSamplingParamsError, PrefixPathError, PrefixServeError, PromptTooLongError,
-                           UnknownPrefixError, UnsupportedModelError)
-from engine.llm import LLM
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+import importlib
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "PrefixServeError", "AdapterMismatchError",
-           "InvalidAdapterError", "InvalidPromptError", "InvalidSamplingParamsError", "PrefixPathError",
-           "PromptTooLongError", "UnknownPrefixError", "UnsupportedModelError"]
+_EXPORTS = {
+    "LLM": "engine.llm",
+    "SamplingParams": "engine.sampling_params",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
+    **{name: "engine.errors" for name in (
+        "PrefixServeError", "AdapterMismatchError", "InvalidAdapterError", "InvalidPromptError",
+        "InvalidSamplingParamsError", "PrefixPathError", "PromptTooLongError", "UnknownPrefixError",
+        "UnsupportedModelError")},
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
