@@ -214,14 +214,13 @@ class EngineCore:
         stats.preemptions += out.num_preempted
         stats.prefix_loads += len(out.prefix_loads)
         stats.prefix_load_seconds.extend(result.get("load_seconds", ()))
+        admitted_on_prefix = 0
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-            if item.is_new and item.seq.request.prefix is not None:
-                loaded = any(e.name == item.seq.request.prefix for e in out.prefix_loads)
-                if loaded:
-                    stats.prefix_misses += 1
-                else:
-                    stats.prefix_hits += 1
+            admitted_on_prefix += item.is_new and item.seq.request.prefix is not None
+        # an admission that had to materialize its prefix is a miss; every other one found it resident
+        stats.prefix_misses += len(out.prefix_loads)
+        stats.prefix_hits += admitted_on_prefix - len(out.prefix_loads)
         by_id = {item.seq.seq_id: item.seq for item in out.scheduled}
         changed: dict[str, Request] = {}
         for seq_id, tokens in result["sampled"]:

@@ -1,0 +1,169 @@
+"""Errors a user can cause raise named exceptions with messages that say what to do, and lose nothing else."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine import (LLM, AdapterMismatchError, InvalidAdapterError, InvalidPromptError, InvalidSamplingParamsError,
+                    PromptTooLongError, SamplingParams, UnknownPrefixError, UnsupportedModelError)
+from engine.model_loader import ModelSpec
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llama_llm(tiny_zoo):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64)
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    return llm
+
+
+def _still_serves(llm):
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, prefix="p5", use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    llm.check_integrity()
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_adapter_for_another_model_names_the_field_and_both_values(tiny_zoo, llama_llm):
+    qwen_adapter = tiny_zoo("qwen2")["adapters"]["p5"]  # 3 layers; the llama has 2
+    with pytest.raises(AdapterMismatchError, match=r"num_layers is 3 in the adapter but the model needs 2"):
+        llama_llm.load_prefix("wrong", str(qwen_adapter))
+    assert "wrong" not in llama_llm.engine.prefix_names()
+    _still_serves(llama_llm)
+
+
+def test_lora_adapter_is_rejected_as_not_prefix_tuning(tmp_path, tiny_zoo, llama_llm):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_zoo("llama")["model"]))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "lora"))
+    with pytest.raises(InvalidAdapterError, match="LORA adapter, not a prefix-tuning adapter"):
+        llama_llm.load_prefix("lora", str(tmp_path / "lora"))
+    _still_serves(llama_llm)
+
+
+def test_pickled_adapter_is_refused_with_a_safetensors_hint(tmp_path, tiny_zoo, llama_llm):
+    src = tiny_zoo("llama")["adapters"]["p5"]
+    dst = tmp_path / "pickled"
+    dst.mkdir()
+    shutil.copy(src / "adapter_config.json", dst)
+    (dst / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(InvalidAdapterError, match="never loads.*safe_serialization=True"):
+        llama_llm.load_prefix("pickled", str(dst))
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, tiny_zoo, llama_llm):
+    dst = tmp_path / "corrupt"
+    shutil.copytree(tiny_zoo("llama")["adapters"]["p5"], dst)
+    (dst / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(InvalidAdapterError, match="not a readable safetensors file"):
+        llama_llm.load_prefix("corrupt", str(dst))
+    _still_serves(llama_llm)
+
+
+def test_tensor_shape_must_match_its_config(tmp_path, tiny_zoo, llama_llm):
+    from safetensors.torch import save_file
+
+    dst = tmp_path / "short"
+    shutil.copytree(tiny_zoo("llama")["adapters"]["p5"], dst)
+    save_file({"prompt_embeddings": torch.zeros(3, 2 * 2 * 32)}, str(dst / "adapter_model.safetensors"))
+    with pytest.raises(AdapterMismatchError, match=r"shape \[3, 128\].*need \[5, 128\]"):
+        llama_llm.load_prefix("short", str(dst))
+
+
+def test_unknown_prefix_names_the_prefix_and_loses_nothing(llama_llm):
+    with pytest.raises(UnknownPrefixError, match="Unknown prefix 'nope'.*p5"):
+        llama_llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}], GREEDY, prefix=["p5", "nope"],
+                           use_tqdm=False)
+    assert not llama_llm.engine.has_unfinished_requests()
+    _still_serves(llama_llm)
+
+
+def test_prompt_longer_than_the_context_states_the_lengths(llama_llm):
+    with pytest.raises(PromptTooLongError, match="prompt has 300 tokens and the prefix 5"):
+        llama_llm.generate({"prompt_token_ids": [1] * 300}, GREEDY, prefix="p5", use_tqdm=False)
+    _still_serves(llama_llm)
+
+
+def test_prompt_that_could_never_fit_the_kv_cache_is_rejected(tiny_zoo):
+    llm = LLM(model=str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=8)
+    with pytest.raises(PromptTooLongError, match="maximum context of 28 tokens"):
+        llm.generate({"prompt_token_ids": [1] * 40}, GREEDY, use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [1] * 20}, GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", -0.5, "temperature must be a number >= 0"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_k", -3, "top_k must be -1"),
+    ("n", 0, "n must be an integer >= 1"),
+    ("max_tokens", 0, "max_tokens must be an integer >= 1"),
+    ("seed", -1, "seed must be a non-negative integer"),
+    ("stop", [""], "stop must be a non-empty string"),
+])
+def test_invalid_sampling_params_raise_a_named_error(field, value, message):
+    with pytest.raises(InvalidSamplingParamsError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_bad_prompts_are_named_errors(llama_llm):
+    with pytest.raises(InvalidPromptError, match="empty"):
+        llama_llm.generate({"prompt_token_ids": []}, GREEDY, use_tqdm=False)
+    with pytest.raises(InvalidPromptError, match=r"integers in \[0, 128\)"):
+        llama_llm.generate({"prompt_token_ids": [5, 999]}, GREEDY, use_tqdm=False)
+    with pytest.raises(InvalidPromptError, match="skip_tokenizer_init=True"):
+        llama_llm.generate("text needs a tokenizer", GREEDY, use_tqdm=False)
+    _still_serves(llama_llm)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import OPTConfig
+
+    with pytest.raises(UnsupportedModelError, match="'opt' is not supported.*llama"):
+        ModelSpec.from_config(OPTConfig())
+
+
+def test_model_path_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="no config.json"):
+        LLM(model=str(tmp_path))
+
+
+def test_unloading_a_prefix_in_use_lets_running_requests_finish_and_frees_its_blocks(tiny_zoo):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64)
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    engine = llm.engine
+    engine.add_request("r1", None, [1, 2, 3], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), "p5")
+    engine.step()
+    engine.unload_prefix("p5")
+    with pytest.raises(UnknownPrefixError):
+        engine.add_request("r2", None, [1, 2, 3], GREEDY, "p5")
+    assert engine.block_manager.prefix_blocks() == 2  # still pinned by r1
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        engine.check_integrity()
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 6
+    assert engine.block_manager.prefix_blocks() == 0 and engine.block_manager.num_free_blocks == 64
+
+
+def test_prefix_config_is_checked_at_registration(tmp_path, tiny_zoo, llama_llm):
+    dst = tmp_path / "noconfig"
+    dst.mkdir()
+    with pytest.raises(InvalidAdapterError, match="adapter_config.json is missing"):
+        llama_llm.load_prefix("x", str(dst))
+    bad = tmp_path / "badjson"
+    shutil.copytree(tiny_zoo("llama")["adapters"]["p5"], bad)
+    (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(InvalidAdapterError, match="not valid JSON"):
+        llama_llm.load_prefix("x", str(bad))
+    cfg = json.loads((tiny_zoo("llama")["adapters"]["p5"] / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PREFIX_TUNING"

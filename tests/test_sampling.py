@@ -1,0 +1,91 @@
+"""Sampling: seeds, top-k, top-p, stop token ids, EOS, ignore_eos and max_tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from workers.sampler import SampleRow, sample
+
+PROMPT = {"prompt_token_ids": [3, 4, 5, 6]}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_zoo):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4)
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    return llm
+
+
+def _tokens(llm, params, prompts=(PROMPT,), prefix="p5"):
+    return [o.outputs[0].token_ids for o in llm.generate(list(prompts), params, prefix=prefix, use_tqdm=False)]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    alone = _tokens(llm, params)[0]
+    others = [{"prompt_token_ids": [9, 10, 11]}] * 3
+    batched = _tokens(llm, [SamplingParams(max_tokens=5, temperature=0.8)] * 3 + [params], others + [PROMPT])[-1]
+    assert alone == batched
+    different = _tokens(llm, SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True))[0]
+    assert different != alone
+
+
+def test_parallel_samples_with_a_seed_differ_from_each_other(llm):
+    out = llm.generate(PROMPT, SamplingParams(n=4, max_tokens=10, temperature=1.5, seed=3, ignore_eos=True),
+                       prefix="p5", use_tqdm=False)[0]
+    samples = [tuple(c.token_ids) for c in out.outputs]
+    assert len(samples) == 4 and len(set(samples)) > 1
+    llm.check_integrity()
+
+
+def test_top_k_one_is_greedy(llm):
+    greedy = _tokens(llm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert _tokens(llm, SamplingParams(max_tokens=8, temperature=1.0, top_k=1, ignore_eos=True)) == greedy
+
+
+def test_stop_token_ids_end_the_sequence_on_that_token(llm):
+    greedy = _tokens(llm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    stop = greedy[3]
+    cut = greedy.index(stop)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop]), prefix="p5",
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy[:cut + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_max_tokens_finishes_with_length(llm):
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), prefix="p5",
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_eos_stops_unless_ignore_eos(tmp_path, tiny_zoo):
+    entry = tiny_zoo("llama")
+    probe = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4)
+    greedy = _tokens(probe, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), prefix=None)[0]
+    model_dir = tmp_path / "eos-model"
+    shutil.copytree(entry["model"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["eos_token_id"] = greedy[2]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, block_size=4)
+    stopped = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == greedy[:greedy.index(greedy[2]) + 1] and stopped.finish_reason == "stop"
+    ignored = _tokens(llm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), prefix=None)[0]
+    assert ignored == greedy
+
+
+def test_top_k_and_top_p_only_draw_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for seed in range(40):
+        top_k = sample(logits, [SampleRow(1.0, 1.0, 2, seed, 0, 0)])[0][0]
+        top_p = sample(logits, [SampleRow(1.0, 0.7, -1, seed, 0, 0)])[0][0]
+        assert top_k in (0, 1) and top_p in (0, 1)
+    seen = {sample(logits, [SampleRow(1.0, 1.0, -1, seed, 0, 0)])[0][0] for seed in range(200)}
+    assert seen == {0, 1, 2, 3}
