@@ -64,6 +64,20 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             prefix: str | None | Seq[str | None] = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, formatted by the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": self.chat_prompt_ids(c)} for c in conversations]
+        return self.generate(prompts, sampling_params, prefix=prefix, use_tqdm=use_tqdm)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidPromptError("This model has no tokenizer chat template; use generate() with a prompt.")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = None

@@ -58,6 +58,11 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = scale
 
+    @classmethod
+    def is_supported(cls) -> bool:
+        """Whether this backend can run here (its dependencies import and its kernels work)."""
+        return True
+
     def plan(self, meta: AttentionMetadata) -> object:
         """Precompute whatever all layers of one step can share. Called once per step."""
         return None

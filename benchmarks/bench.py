@@ -1,0 +1,249 @@
+"""`prefix-serve bench`: offline workloads, each printing baselines and prefix-serve from the same run.
+
+  mixed    64 requests over 16 prefixes (P=16), prompts of 20-60 tokens, 64 new tokens each (ignore_eos).
+           Baselines: PEFT generating each prefix's group as one batch, and plain transformers generating all
+           64 prompts as one static batch with no prefix.
+  scaling  128 requests with 32 new tokens, prefixes drawn uniformly and by Zipf(1.0) from 1, 16, 256 and
+           4,096 registered prefixes: throughput, peak RSS, KV blocks held by prefixes, prefix load p50/p99.
+
+Every configuration runs in its own child process so its peak RSS is its own. Results also go to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import Timer, peak_rss_mb, random_prompts, run_in_child, write_random_prefix
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="run the offline benchmarks (baselines and ours in one run)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["mixed", "scaling", "all"], default="mixed")
+    p.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default: 64 mixed, "
+                   "32 scaling)")
+    p.add_argument("--counts", default="1,16,256,4096", help="registered prefix counts for the scaling workload")
+    p.add_argument("--skip-baselines", action="store_true", help="mixed: run ours only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
+    p.add_argument("--json", default="bench_results.json", help="where to write the results")
+    p.set_defaults(func=run)
+
+
+# ---- children ---------------------------------------------------------------------------------------------------
+def _child(task: dict) -> dict:
+    import torch
+
+    if task.get("threads"):
+        torch.set_num_threads(task["threads"])
+    return {"mixed_ours": _ours_mixed, "peft_grouped": _peft_grouped, "hf_static": _hf_static,
+            "scaling_ours": _ours_scaling}[task["kind"]](task)
+
+
+def _ours_mixed(task: dict) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=task["model"])
+    for i, path in enumerate(task["prefixes"]):
+        llm.load_prefix(f"task{i}", path)
+    prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
+    names = [f"task{i}" for i in task["assignment"]]
+    params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0.0), prefix=names[:2], use_tqdm=False)
+    with Timer() as t:
+        outs = llm.generate(prompts, params, prefix=names, use_tqdm=False)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(),
+            "steps": llm.engine.stats.steps, "prefix_blocks": llm.engine.block_manager.prefix_blocks()}
+
+
+def _padded_batch(prompts: list[list[int]], pad: int):
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as batched generation needs
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _generate(model, prompts, max_tokens: int, pad: int) -> int:
+    import torch
+
+    ids, mask = _padded_batch(prompts, pad)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+    return (out.shape[1] - ids.shape[1]) * len(prompts)
+
+
+def _hf_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_static(task: dict) -> dict:
+    model = _hf_model(task["model"])
+    _generate(model, task["prompts"][:2], 2, 0)
+    with Timer() as t:
+        tokens = _generate(model, task["prompts"], task["max_tokens"], 0)
+    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def _peft_grouped(task: dict) -> dict:
+    from peft import PeftModel
+
+    base = _hf_model(task["model"])
+    groups: dict[int, list[list[int]]] = {}
+    for prompt, prefix in zip(task["prompts"], task["assignment"]):
+        groups.setdefault(prefix, []).append(prompt)
+    models = {i: PeftModel.from_pretrained(base, task["prefixes"][i]).eval() for i in groups}
+    _generate(models[next(iter(groups))], task["prompts"][:2], 2, 0)
+    tokens = 0
+    with Timer() as t:
+        for i, prompts in groups.items():
+            tokens += _generate(models[i], prompts, task["max_tokens"], 0)
+    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def _ours_scaling(task: dict) -> dict:
+    import random
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=task["model"], host_prefix_cache_size=task.get("host_cache", 1024))
+    engine = llm.engine
+    with Timer() as reg:
+        names = engine.register_prefix_dir(task["prefix_root"])
+    rng = random.Random(task["seed"])
+    if task["distribution"] == "zipf":
+        weights = [1.0 / (k + 1) for k in range(len(names))]
+        chosen = rng.choices(names, weights=weights, k=len(task["prompts"]))
+    else:
+        chosen = [rng.choice(names) for _ in task["prompts"]]
+    params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    max_prefix_blocks = 0
+    with Timer() as t:
+        for i, (prompt, name) in enumerate(zip(task["prompts"], chosen)):
+            engine.add_request(f"s{i}", None, prompt, params, name)
+        tokens = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    tokens += len(out.outputs[0].token_ids)
+            max_prefix_blocks = max(max_prefix_blocks, engine.block_manager.prefix_blocks())
+    loads = sorted(engine.stats.prefix_load_seconds)
+
+    def pct(q):
+        return loads[min(len(loads) - 1, int(q * len(loads)))] * 1000 if loads else 0.0
+
+    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(), "registered": len(names),
+            "register_seconds": reg.seconds, "distinct_used": len(set(chosen)),
+            "max_prefix_blocks": max_prefix_blocks, "prefix_loads": engine.stats.prefix_loads,
+            "load_p50_ms": pct(0.5), "load_p99_ms": pct(0.99)}
+
+
+# ---- parent -----------------------------------------------------------------------------------------------------
+def _spec_and_path(model: str | None):
+    from transformers import AutoConfig
+
+    from engine.model_loader import ModelSpec, resolve_model_path
+
+    path = resolve_model_path(model)
+    return ModelSpec.from_config(AutoConfig.from_pretrained(path)), path
+
+
+def _tok_s(result: dict) -> float:
+    return result["tokens"] / result["seconds"]
+
+
+def run_mixed(args, spec, path, tmp: Path) -> dict:
+    max_tokens = args.max_tokens or 64
+    prefixes = [str(write_random_prefix(tmp / f"mixed{i}", spec, 16, seed=i, model_name=path)) for i in range(16)]
+    task = {"model": path, "prefixes": prefixes, "prompts": random_prompts(64, 20, 60, spec.vocab_size),
+            "assignment": [i % 16 for i in range(64)], "max_tokens": max_tokens, "threads": args.threads}
+    results = {"ours": run_in_child("benchmarks.bench", {**task, "kind": "mixed_ours"})}
+    if not args.skip_baselines:
+        results["hf_static"] = run_in_child("benchmarks.bench", {**task, "kind": "hf_static"})
+        results["peft_grouped"] = run_in_child("benchmarks.bench", {**task, "kind": "peft_grouped"})
+    print(f"\nWorkload 1, mixed tasks: 64 requests over 16 prefixes (P=16), {max_tokens} new tokens, fp32")
+    print(f"{'setup':<48}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}")
+    ours = _tok_s(results["ours"])
+    labels = {"ours": "prefix-serve, 16 prefixes mixed in one batch",
+              "hf_static": "transformers static batch of 64, NO prefix",
+              "peft_grouped": "PEFT, each prefix's group batched"}
+    for key, label in labels.items():
+        if key in results:
+            r = results[key]
+            print(f"{label:<48}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
+                  f"{ours / _tok_s(r):>10.2f}x")
+    return results
+
+
+def run_scaling(args, spec, path, tmp: Path) -> dict:
+    max_tokens = args.max_tokens or 32
+    counts = [int(c) for c in args.counts.split(",")]
+    prompts = random_prompts(128, 20, 60, spec.vocab_size, seed=1)
+    root = tmp / "scaling"
+    made = 0
+    results = {}
+    print(f"\nWorkload 2, prefix-count scaling: 128 requests, {max_tokens} new tokens, P=16")
+    print(f"{'registered':>10}{'dist':>6}{'used':>6}{'tok/s':>8}{'vs 1':>7}{'RSS MB':>8}{'prefix blocks':>14}"
+          f"{'loads':>7}{'load p50 ms':>12}{'p99 ms':>8}{'register s':>11}")
+    for count in counts:
+        while made < count:  # directories accumulate: the 16-prefix root holds the first 16, and so on
+            write_random_prefix(root / f"{count}" / f"t{made:05d}", spec, 16, seed=1000 + made, model_name=path)
+            made += 1
+        for dist in ("uniform", "zipf"):
+            task = {"kind": "scaling_ours", "model": path, "prefix_root": str(root / f"{count}"),
+                    "prompts": prompts, "max_tokens": max_tokens, "distribution": dist, "seed": 7,
+                    "threads": args.threads}
+            r = run_in_child("benchmarks.bench", task)
+            results[f"{count}-{dist}"] = r
+            base = results.get(f"{counts[0]}-{dist}", r)
+            print(f"{count:>10}{dist:>6}{r['distinct_used']:>6}{_tok_s(r):>8.1f}{_tok_s(r) / _tok_s(base):>6.2f}x"
+                  f"{r['peak_rss_mb']:>8.0f}{r['max_prefix_blocks']:>14}{r['prefix_loads']:>7}"
+                  f"{r['load_p50_ms']:>12.2f}{r['load_p99_ms']:>8.2f}{r['register_seconds']:>11.2f}")
+        # the next count's directory starts as a copy of this one's adapters (hard links: no extra disk)
+        nxt = [c for c in counts if c > count]
+        if nxt:
+            dst = root / f"{nxt[0]}"
+            dst.mkdir(parents=True, exist_ok=True)
+            for sub in (root / f"{count}").iterdir():
+                if not (dst / sub.name).exists():
+                    (dst / sub.name).mkdir()
+                    for f in sub.iterdir():
+                        os.link(f, dst / sub.name / f.name)
+    return results
+
+
+def run(args) -> int:
+    spec, path = _spec_and_path(args.model)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="prefix-serve-bench-") as tmp:
+        if args.workload in ("mixed", "all"):
+            results["mixed"] = run_mixed(args, spec, path, Path(tmp))
+        if args.workload in ("scaling", "all"):
+            results["scaling"] = run_scaling(args, spec, path, Path(tmp))
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(_child(json.loads(sys.argv[2]))))
+    else:
+        parser = argparse.ArgumentParser()
+        add_parser(parser.add_subparsers())
+        sys.exit(run(parser.parse_args(["bench", *sys.argv[1:]])))

@@ -1,0 +1,60 @@
+"""Shared pieces of the benchmarks: random PEFT prefix adapters, prompts, timing in a child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def write_random_prefix(out_dir: Path, spec, num_virtual_tokens: int, seed: int, model_name: str = "") -> Path:
+    """A PEFT PREFIX_TUNING adapter directory with random KV, in exactly PEFT's saved format."""
+    from peft import PrefixTuningConfig
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+                                num_layers=spec.num_layers, num_attention_heads=spec.num_kv_heads,
+                                token_dim=spec.num_kv_heads * spec.head_dim, base_model_name_or_path=model_name,
+                                inference_mode=True)
+    config.save_pretrained(str(out_dir))
+    generator = torch.Generator().manual_seed(seed)
+    width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+    tensor = torch.randn(num_virtual_tokens, width, generator=generator) * 0.5
+    save_file({"prompt_embeddings": tensor}, str(out_dir / "adapter_model.safetensors"))
+    return out_dir
+
+
+def random_prompts(count: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (count,), generator=generator).tolist()
+    return [torch.randint(100, vocab - 100, (n,), generator=generator).tolist() for n in lengths]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_in_child(module: str, task: dict, timeout: float = 3600) -> dict:
+    """Run `module`'s child entry point on `task` in a fresh process, so peak RSS is that task's alone."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(task)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({task.get('kind')}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

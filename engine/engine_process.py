@@ -1,0 +1,336 @@
+"""The engine loop in its own process: drains frontend messages, steps the EngineCore, sends back what changed.
+
+The HTTP frontend (`engine.async_engine`) and this loop talk over two pipes with versioned msgpack messages.
+The loop never waits on HTTP work: it reads only what has already arrived (`poll(0)`) and hands its outgoing
+messages to a sender thread, so a slow or stalled frontend cannot hold a step back. It blocks only when it has
+nothing to run.
+
+Frontend -> engine, version 1 (every message also has "v": 1):
+  {"op": "add", "id", "tokens": [int], "params": {SamplingParams fields}, "prefix": str | None}
+  {"op": "abort", "ids": [request_id, ...]}
+  {"op": "call", "call_id": int, "method": str, "args": {...}}    methods: see EngineLoop._call_*
+  {"op": "shutdown"}
+Engine -> frontend:
+  {"op": "ready", "model_path", "max_model_len", "vocab_size", "num_prefixes", "pid"}
+  {"op": "failed", "message"}      # startup failed (bad model, bad prefix directory, ...)
+  {"op": "fatal", "message"}       # the loop crashed; the process exits next
+  {"op": "batch",
+   "replies": [{"id" | "call_id", "ok": bool, "result" | "error": {"status", "type", "message"}}, ...],
+   "outputs": [[request_id, finished, [[index, new_token_ids, finish_reason, stop_reason, final_text], ...]], ...],
+   "load_seconds": [float, ...],           # prefix loads since the last batch (for the latency histogram)
+   "step_seconds": float | null}           # how long the step that produced these outputs took
+A sample appears in "outputs" only when it gained tokens or finished. `final_text` is null until the sample
+finishes; then it is the engine's text (stop strings already cut), and the frontend reconciles its own
+incremental detokenization with it. Only new token ids travel, so a step's message grows with the batch, not
+with the length of the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from engine.config import EngineConfig
+from engine.errors import PrefixServeError
+from engine.sampling_params import SamplingParams
+
+VERSION = 1
+logger = logging.getLogger("prefix_serve.engine_process")
+
+
+class EngineProtocolError(RuntimeError):
+    """A message from the other side has the wrong version or shape."""
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb({**message, "v": VERSION}, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    message = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if not isinstance(message, dict) or message.get("v") != VERSION:
+        got = message.get("v") if isinstance(message, dict) else type(message).__name__
+        raise EngineProtocolError(f"engine message version {got!r}, but this side speaks version {VERSION}")
+    return message
+
+
+def error_payload(exc: BaseException) -> dict:
+    """An exception as the frontend needs it: HTTP status, a type name and a message for the user."""
+    if isinstance(exc, PrefixServeError):
+        return {"status": exc.http_status, "type": type(exc).__name__, "message": str(exc)}
+    return {"status": 500, "type": "InternalServerError", "message": f"{type(exc).__name__}: {exc}"}
+
+
+@dataclass(frozen=True)
+class EngineProcessOptions:
+    """What the engine process needs besides the EngineConfig."""
+
+    prefix_dirs: tuple[str, ...] = ()  # every subdirectory is a prefix; unknown names are looked up here too
+    debug: bool = False  # allow the `debug_state` call (integrity check and block counts)
+    log_level: str = "INFO"
+
+
+@dataclass
+class _Tracked:
+    """What has already been sent for one request: tokens per sample and which samples finished."""
+
+    sent: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+
+class EngineLoop:
+    """Owns the EngineCore; `run` drains commands, steps and publishes until told to shut down."""
+
+    def __init__(self, engine, options: EngineProcessOptions, receive, send):
+        self.engine = engine
+        self.options = options
+        self._receive = receive  # multiprocessing Connection (read end)
+        self._send = send  # callable(bytes), non-blocking for the loop
+        self._tracked: dict[str, _Tracked] = {}
+        self._replies: list[dict] = []
+        self._unloaded: set[str] = set()  # names unloaded by the user: never re-registered lazily
+        self._running = True
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while self._running:
+            self.run_once()
+
+    def run_once(self) -> None:
+        """Handle what has arrived (waiting only when idle), answer it, then step once if there is work."""
+        self._drain(block=not self.engine.has_unfinished_requests())
+        self._flush()
+        if self._running and self.engine.has_unfinished_requests():
+            steps, start = self.engine.stats.steps, time.perf_counter()
+            outputs = self.engine.step()
+            ran = self.engine.stats.steps > steps  # False when nothing could be scheduled
+            self._publish(outputs, time.perf_counter() - start if ran else None)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def _drain(self, block: bool, limit: int = 4096) -> None:
+        """Handle the messages that have arrived (at most `limit`, so a flood cannot starve the step); wait for
+        one only when there is nothing to run."""
+        timeout = 1.0 if block else 0.0
+        for _ in range(limit):
+            if not (self._running and self._receive.poll(timeout)):
+                return
+            try:
+                data = self._receive.recv_bytes()
+            except (EOFError, OSError):  # the frontend is gone: stop
+                self._running = False
+                return
+            self._handle(unpack(data))
+            timeout = 0.0
+
+    def _flush(self, outputs: list | None = None, step_seconds: float | None = None) -> None:
+        stats = self.engine.stats
+        load_seconds, stats.prefix_load_seconds = stats.prefix_load_seconds, []
+        if self._replies or outputs or load_seconds or step_seconds is not None:
+            self._send(pack({"op": "batch", "replies": self._replies, "outputs": outputs or [],
+                             "load_seconds": load_seconds, "step_seconds": step_seconds}))
+            self._replies = []
+
+    def _publish(self, outputs, step_seconds: float | None = None) -> None:
+        wire = []
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            samples = []
+            for comp in out.outputs:
+                sent = tracked.sent.get(comp.index, 0)
+                finished_now = comp.finish_reason is not None and comp.index not in tracked.done
+                if len(comp.token_ids) == sent and not finished_now:
+                    continue
+                tracked.sent[comp.index] = len(comp.token_ids)
+                final_text = None
+                if finished_now:
+                    tracked.done.add(comp.index)
+                    final_text = comp.text
+                samples.append([comp.index, comp.token_ids[sent:], comp.finish_reason, comp.stop_reason,
+                                final_text])
+            if out.finished:
+                del self._tracked[out.request_id]
+            if samples or out.finished:
+                wire.append([out.request_id, out.finished, samples])
+        self._flush(wire, step_seconds)
+
+    # ---- commands -------------------------------------------------------------------------------------------
+    def _handle(self, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "add":
+            self._add(msg)
+        elif op == "abort":
+            for request_id in msg["ids"]:
+                self._tracked.pop(request_id, None)
+                self.engine.abort_request(request_id)
+            self._free_retired_prefixes()
+        elif op == "call":
+            self._call(msg)
+        elif op == "shutdown":
+            self._running = False
+        else:
+            raise EngineProtocolError(f"unknown op {op!r}")
+
+    def _add(self, msg: dict) -> None:
+        request_id = msg["id"]
+        try:
+            params = SamplingParams(**msg["params"])
+            prefix = msg.get("prefix")
+            if prefix is not None and prefix not in self.engine.registry:
+                self._register_lazily(prefix)
+            self.engine.add_request(request_id, None, msg["tokens"], params, prefix, stream=False)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the client that caused it
+            if not isinstance(exc, PrefixServeError):
+                logger.exception("add_request %s failed", request_id)
+            self._replies.append({"id": request_id, "ok": False, "error": error_payload(exc)})
+            return
+        self._tracked[request_id] = _Tracked()
+        self._replies.append({"id": request_id, "ok": True})
+
+    def _register_lazily(self, name: str) -> None:
+        """A name that is not registered yet may be a subdirectory added to a --prefix-dir after startup."""
+        if name in self._unloaded or not _is_plain_name(name):
+            return
+        for root in self.options.prefix_dirs:
+            candidate = Path(root) / name
+            if (candidate / "adapter_config.json").is_file():
+                self.engine.load_prefix(name, str(candidate))
+                return
+
+    def _call(self, msg: dict) -> None:
+        handler = getattr(self, "_call_" + str(msg.get("method")), None)
+        try:
+            if handler is None:
+                raise EngineProtocolError(f"unknown engine call {msg.get('method')!r}")
+            result = handler(**msg.get("args", {}))
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, PrefixServeError):
+                logger.exception("engine call %s failed", msg.get("method"))
+            self._replies.append({"call_id": msg["call_id"], "ok": False, "error": error_payload(exc)})
+            return
+        self._replies.append({"call_id": msg["call_id"], "ok": True, "result": result})
+
+    def _call_ping(self) -> str:
+        return "pong"
+
+    def _call_load_prefix(self, name: str, path: str) -> dict:
+        self.engine.load_prefix(name, path, check_path=True)
+        self._unloaded.discard(name)
+        info = self.engine.registry.get(name)
+        return {"name": name, "path": info.path, "num_virtual_tokens": info.num_virtual_tokens}
+
+    def _call_unload_prefix(self, name: str) -> dict:
+        self.engine.unload_prefix(name)
+        self._unloaded.add(name)
+        return {"name": name}
+
+    def _call_list_prefixes(self) -> list:
+        registry = self.engine.registry
+        return [[name, registry.get(name).path] for name in registry.names()]
+
+    def _call_stats(self) -> dict:
+        engine, stats, bm = self.engine, self.engine.stats, self.engine.block_manager
+        return {"running": engine.num_running(), "waiting": engine.num_waiting(), "kv_usage": bm.usage(),
+                "resident_prefixes": len(bm.resident_prefixes()), "registered_prefixes": len(engine.registry),
+                "prefix_blocks": bm.prefix_blocks(), "num_blocks": bm.num_blocks,
+                "prompt_tokens": stats.prompt_tokens, "generation_tokens": stats.generation_tokens,
+                "finished": dict(stats.finished), "preemptions": stats.preemptions,
+                "prefix_hits": stats.prefix_hits, "prefix_misses": stats.prefix_misses,
+                "prefix_loads": stats.prefix_loads, "steps": stats.steps}
+
+    def _call_debug_state(self) -> dict:
+        """Integrity check and block counts, for leak tests. Only with --debug-endpoints."""
+        if not self.options.debug:
+            raise EngineProtocolError("debug calls are disabled; start the server with --debug-endpoints")
+        engine, bm = self.engine, self.engine.block_manager
+        try:
+            engine.check_integrity()
+            error = None
+        except AssertionError as exc:
+            error = str(exc) or "integrity check failed"
+        return {"integrity_ok": error is None, "integrity_error": error, "num_blocks": bm.num_blocks,
+                "free_blocks": bm.num_free_blocks, "cached_blocks": bm.num_cached_blocks,
+                "used_blocks": bm.num_used_blocks, "block_tables": len(bm.tables),
+                "requests": len(engine.requests), "running": engine.num_running(), "waiting": engine.num_waiting(),
+                "resident_prefixes": len(bm.resident_prefixes()), "tracked": len(self._tracked)}
+
+    def _free_retired_prefixes(self) -> None:
+        # EngineCore frees an unloaded prefix's blocks when a request *finishes*, but not after an abort.
+        # Until the core does that too, do it here so an aborted last user does not leave them resident.
+        evict = getattr(self.engine, "_evict_retired", None)
+        if evict is not None and getattr(self.engine, "_retired", None):
+            evict()
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+class _Sender:
+    """Sends byte messages from a thread, so the engine loop never blocks on a full pipe."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine-sender", daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self._conn.send_bytes(data)
+            except (BrokenPipeError, OSError):
+                return
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def run_engine_process(config: EngineConfig, options: EngineProcessOptions, receive, send) -> None:
+    """Entry point of the spawned engine process: build the EngineCore, say ready, loop."""
+    logging.basicConfig(level=options.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
+    sender = _Sender(send)
+    try:
+        from engine.llm_engine import EngineCore
+
+        engine = EngineCore(config)
+        for root in options.prefix_dirs:
+            engine.register_prefix_dir(root)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which prints it and exits
+        message = str(exc) if isinstance(exc, PrefixServeError) else traceback.format_exc()
+        sender.send(pack({"op": "failed", "message": message}))
+        sender.close()
+        return
+    sender.send(pack({"op": "ready", "model_path": engine.model_path, "max_model_len": engine.max_model_len,
+                      "vocab_size": engine.spec.vocab_size, "num_prefixes": len(engine.registry),
+                      "pid": os.getpid()}))
+    loop = EngineLoop(engine, options, receive, sender.send)
+    try:
+        loop.run()
+    except Exception:  # an engine bug: tell the frontend why, then exit (it fails the open requests)
+        logger.exception("engine loop crashed")
+        sender.send(pack({"op": "fatal", "message": traceback.format_exc()}))
+        raise SystemExit(1) from None
+    finally:
+        sender.close()
+        engine.shutdown()
+
+
+__all__ = ["EngineLoop", "EngineProcessOptions", "run_engine_process", "pack", "unpack", "VERSION",
+           "EngineProtocolError", "error_payload"]

@@ -1,0 +1,120 @@
+"""Prometheus metrics for the server: engine counters and gauges, request latency histograms, HTTP counts.
+
+Engine counters live in the engine process (EngineStats); the frontend fetches a snapshot on each scrape and
+exposes it through a custom collector, so a scrape always shows the engine's exact totals. Latency histograms
+are observed in the frontend, where the client's experience is measured. No metric has a per-prefix or
+per-request label, so the number of series stays fixed however many prefixes are served. docs/metrics.md
+describes every metric.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 600.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+PREFIX_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class EngineStatsCollector:
+    """Exposes the latest engine snapshot (from the engine loop's `stats` call) as gauges and counters."""
+
+    def __init__(self):
+        self.snapshot: dict = {}
+        self.engine_up = False
+
+    def describe(self):  # nothing to describe before the first snapshot; collect() always yields the same names
+        return []
+
+    def collect(self):
+        s = self.snapshot
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"prefix_serve_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"prefix_serve_{name}", doc, value=s.get(key, 0))
+
+        yield gauge("engine_up", "1 while the engine process runs, 0 after it stopped.", float(self.engine_up))
+        yield gauge("num_requests_running", "Requests with sequences in the running batch.", s.get("running", 0))
+        yield gauge("num_requests_waiting", "Requests queued for admission (new or preempted).",
+                    s.get("waiting", 0))
+        yield gauge("kv_cache_usage_ratio", "Share of KV blocks held by running sequences or pinned prefixes "
+                    "(0-1); cached, unpinned prefix blocks count as free.", s.get("kv_usage", 0.0))
+        yield gauge("resident_prefixes", "Prefixes materialized in KV blocks (pinned or cached).",
+                    s.get("resident_prefixes", 0))
+        yield gauge("registered_prefixes", "Prefixes the server knows by name (loaded or registered lazily).",
+                    s.get("registered_prefixes", 0))
+        yield gauge("prefix_kv_blocks", "KV blocks holding materialized prefixes.", s.get("prefix_blocks", 0))
+        yield gauge("kv_cache_blocks", "Total KV blocks in the cache.", s.get("num_blocks", 0))
+        yield counter("prompt_tokens", "Prompt tokens prefilled (counted once per request at its first token; "
+                      "prefix virtual tokens excluded).", "prompt_tokens")
+        yield counter("generation_tokens", "Tokens generated, over all samples.", "generation_tokens")
+        finished = CounterMetricFamily("prefix_serve_requests_finished", "Requests finished, by reason: stop "
+                                       "(EOS or stop string/token), length (max_tokens or context), abort "
+                                       "(client disconnected or cancelled).", labels=["reason"])
+        counts = s.get("finished", {})
+        for reason in FINISH_REASONS:
+            finished.add_metric([reason], counts.get(reason, 0))
+        yield finished
+        yield counter("preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.", "preemptions")
+        yield counter("prefix_cache_hits", "Requests admitted onto a prefix already resident in KV blocks.",
+                      "prefix_hits")
+        yield counter("prefix_cache_misses", "Requests whose prefix had to be materialized first.", "prefix_misses")
+        yield counter("prefix_loads", "Prefix materializations into KV blocks.", "prefix_loads")
+        yield counter("engine_steps", "Engine iterations that ran the model.", "steps")
+
+
+class ServerMetrics:
+    """All of the server's metrics, in their own registry (several servers can live in one process)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.engine = EngineStatsCollector()
+        self.registry.register(self.engine)
+        self.ttft = Histogram("prefix_serve_time_to_first_token_seconds", "Time from receiving a request to its "
+                              "first generated token reaching the server frontend.", buckets=TTFT_BUCKETS,
+                              registry=self.registry)
+        self.itl = Histogram("prefix_serve_inter_token_latency_seconds", "Time between successive token "
+                             "updates of a request.", buckets=ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("prefix_serve_e2e_request_latency_seconds", "Time from receiving a request to its "
+                             "last token (finished requests only).", buckets=E2E_BUCKETS, registry=self.registry)
+        self.prefix_load = Histogram("prefix_serve_prefix_load_seconds", "Time to materialize a prefix into KV "
+                                     "blocks (read from host cache or disk, write into the cache).",
+                                     buckets=PREFIX_LOAD_BUCKETS, registry=self.registry)
+        self.engine_step = Histogram("prefix_serve_engine_step_seconds", "Duration of one engine step (schedule, "
+                                     "model forward, update), measured in the engine process.",
+                                     buckets=STEP_BUCKETS, registry=self.registry)
+        self.http_requests = Counter("prefix_serve_http_requests", "HTTP requests by route template and status "
+                                     "code.", ["route", "status"], registry=self.registry)
+
+    def update_engine(self, snapshot: dict, engine_up: bool) -> None:
+        self.engine.snapshot = snapshot
+        self.engine.engine_up = engine_up
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Latency observations for one engine request: TTFT at the first tokens, ITL between updates, E2E at the end."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float):
+        self.metrics = metrics
+        self.arrival = arrival
+        self.last: float | None = None
+
+    def tokens(self, now: float) -> None:
+        if self.last is None:
+            self.metrics.ttft.observe(max(0.0, now - self.arrival))
+        else:
+            self.metrics.itl.observe(max(0.0, now - self.last))
+        self.last = now
+
+    def finished(self, now: float) -> None:
+        self.metrics.e2e.observe(max(0.0, now - self.arrival))

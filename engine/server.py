@@ -1,0 +1,523 @@
+"""`prefix-serve serve`: an OpenAI-compatible HTTP server (aiohttp) in front of an engine process.
+
+The frontend parses and tokenizes requests, streams SSE, checks API keys and exports metrics; the EngineCore
+runs in its own process (`engine.engine_process`), reached through `engine.async_engine`. A prefix is chosen by
+putting its name in `model`, as vLLM does for LoRA adapters. docs/server.md describes the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from engine import protocol
+from engine.async_engine import raise_for
+from engine.errors import PrefixServeError
+from engine.metrics import RequestTimer
+
+logger = logging.getLogger("prefix_serve.server")
+
+DEMO_PREFIX_DIR = Path(__file__).resolve().parent / "demo_prefixes"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_names: tuple[str, ...]
+    model_path: str
+    max_model_len: int
+    api_key: str | None = None
+    debug_endpoints: bool = False
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_response(obj, status: int = 200) -> web.Response:
+    return web.Response(body=_dumps(obj), status=status, content_type="application/json")
+
+
+def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+    return json_response(protocol.error_body(status, message, code), status)
+
+
+class Generation:
+    """The engine requests behind one HTTP request (one per prompt): starts them, yields updates, aborts leftovers."""
+
+    def __init__(self, server: "OpenAIServer", request_id: str, prompts: list[list[int]], params, prefix,
+                 stream: bool):
+        self.server = server
+        self.client = server.client
+        self.request_id = request_id
+        self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self.prompts = prompts
+        self.params = params
+        self.prefix = prefix
+        self.stream = stream
+        self.sink: asyncio.Queue = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self._unfinished = set(self.ids)
+
+    async def start(self) -> None:
+        """Queue every prompt; if the engine rejects one, abort the others and raise its error."""
+        adds = [self.client.add(rid, tokens, self.params, self.prefix, self.sink, tag=i, stream=self.stream)
+                for i, (rid, tokens) in enumerate(zip(self.ids, self.prompts))]
+        results = await asyncio.gather(*adds, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self.close()
+            raise errors[0]
+
+    async def updates(self):
+        """Yield RequestUpdates until every prompt finished; records the latency histograms."""
+        timers = {rid: RequestTimer(self.server.metrics, self.arrival) for rid in self.ids}
+        while self._unfinished:
+            update = await self.sink.get()
+            if update.error is not None:  # the engine died
+                self._unfinished.clear()
+                raise_for(update.error)
+            timer = timers[update.request_id]
+            if any(s.token_ids for s in update.samples):
+                timer.tokens(update.time)
+            if update.finished:
+                self._unfinished.discard(update.request_id)
+                timer.finished(update.time)
+            yield update
+
+    def close(self) -> None:
+        """Abort whatever has not finished: the client is gone, cancelled, or a sibling prompt failed."""
+        if self._unfinished:
+            self.client.abort(sorted(self._unfinished))
+            self._unfinished.clear()
+
+
+class OpenAIServer:
+    def __init__(self, client, tokenizer, settings: ServerSettings, metrics):
+        self.client = client
+        self.tokenizer = tokenizer  # for encoding, on the event loop; the client decodes with its own copy
+        self.settings = settings
+        self.metrics = metrics
+        self.base_name = settings.served_model_names[0]
+        client.on_load_seconds = metrics.prefix_load.observe
+        client.on_step_seconds = metrics.engine_step.observe
+
+    # ---- app ------------------------------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._count_middleware, self._error_middleware, self._auth_middleware],
+                              client_max_size=64 << 20)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/load_prefix", self.load_prefix)
+        app.router.add_post("/v1/unload_prefix", self.unload_prefix)
+        if self.settings.debug_endpoints:
+            app.router.add_get("/debug/engine_state", self.debug_state)
+        return app
+
+    @web.middleware
+    async def _count_middleware(self, request: web.Request, handler):
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        response = await handler(request)
+        self.metrics.http_requests.labels(route, str(response.status)).inc()
+        return response
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except PrefixServeError as exc:
+            return error_response(exc.http_status, str(exc), getattr(exc, "error_type", type(exc).__name__))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, exc.reason if exc.text is None else f"{exc.reason}: {request.path}")
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: log it, answer 500, keep serving
+            logger.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, f"Internal server error: {type(exc).__name__}: {exc}", "internal_error")
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler):
+        key = self.settings.api_key
+        if key is not None and request.path != "/health":
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                raise protocol.AuthenticationError(
+                    "Missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server was "
+                    "started with (--api-key).")
+        return await handler(request)
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise protocol.BadRequestError(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise protocol.BadRequestError("The request body must be a JSON object.")
+        return body
+
+    def _prefix_for(self, model: str | None) -> str | None:
+        """`model` names the base model (no prefix) or a prefix; the engine answers 404 for unknown names."""
+        if model is None or model in self.settings.served_model_names:
+            return None
+        return model
+
+    # ---- simple routes --------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.client.alive:
+            return error_response(503, f"The engine process is not running ({self.client.dead}).", "engine_dead")
+        return web.Response(text="")
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if self.client.alive:
+            try:
+                self.metrics.update_engine(await asyncio.wait_for(self.client.call("stats"), 30), True)
+            except (PrefixServeError, asyncio.TimeoutError):
+                pass
+        self.metrics.engine.engine_up = self.client.alive
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        cards = [protocol.model_card(name, self.settings.model_path, None, self.settings.max_model_len, created)
+                 for name in self.settings.served_model_names]
+        for name, path in await self.client.call("list_prefixes"):
+            cards.append(protocol.model_card(name, path, self.base_name, self.settings.max_model_len, created))
+        return json_response({"object": "list", "data": cards})
+
+    async def load_prefix(self, request: web.Request) -> web.Response:
+        name, path = protocol.parse_load_prefix(await self._body(request))
+        if name in self.settings.served_model_names:
+            raise protocol.BadRequestError(f"{name!r} is the base model's name; choose another prefix name.")
+        info = await self.client.call("load_prefix", name=name, path=path)
+        return json_response({"status": "ok", "prefix_name": info["name"], "prefix_path": info["path"],
+                              "num_virtual_tokens": info["num_virtual_tokens"]})
+
+    async def unload_prefix(self, request: web.Request) -> web.Response:
+        name = protocol.parse_unload_prefix(await self._body(request))
+        await self.client.call("unload_prefix", name=name)
+        return json_response({"status": "ok", "prefix_name": name})
+
+    async def debug_state(self, request: web.Request) -> web.Response:
+        return json_response(await self.client.call("debug_state"))
+
+    # ---- completions ----------------------------------------------------------------------------------------
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        return self.tokenizer(prompt).input_ids  # as LLM.generate does, special tokens included
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = protocol.parse_completion_request(await self._body(request))
+        if self.tokenizer is None and any(isinstance(p, str) for p in req.prompts):
+            raise protocol.BadRequestError("This model has no tokenizer: send 'prompt' as token ids.")
+        prompts = [self._tokenize(p) for p in req.prompts]
+        return await self._generate(request, "cmpl", req.model, prompts, req.params, req.stream,
+                                    req.return_token_ids, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req = protocol.parse_chat_request(await self._body(request))
+        prompt = self._chat_prompt(req)
+        default_max = max(1, self.settings.max_model_len - len(prompt))  # the engine stops at the context anyway
+        params = protocol.sampling_params(req.params_body, default_max)
+        return await self._generate(request, "chatcmpl", req.model, [prompt], params, req.stream,
+                                    req.return_token_ids, chat=True)
+
+    async def _generate(self, request: web.Request, kind: str, model: str | None, prompts: list[list[int]], params,
+                        stream: protocol.StreamOptions, return_token_ids: bool, chat: bool) -> web.StreamResponse:
+        """Queue the prompts (errors become 4xx before any byte is sent), then answer at once or as SSE."""
+        gen = Generation(self, protocol.new_id(kind), prompts, params, self._prefix_for(model), stream.stream)
+        await gen.start()
+        try:
+            if stream.stream:
+                return await self._stream(request, gen, model or self.base_name, stream.include_usage,
+                                          return_token_ids, chat)
+            return await self._complete(gen, model or self.base_name, return_token_ids, chat)
+        finally:
+            gen.close()  # aborts the engine requests if the client went away (the handler is cancelled)
+
+    def _chat_prompt(self, req: protocol.ChatRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise protocol.BadRequestError("This model's tokenizer has no chat template; use /v1/completions.")
+        try:
+            text = self.tokenizer.apply_chat_template(req.messages, tokenize=False,
+                                                      add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - jinja raises what the template author chose
+            raise protocol.BadRequestError(f"The chat template rejected the messages: {exc}") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids  # the template adds its own
+
+    async def _complete(self, gen: Generation, model: str, return_token_ids: bool, chat: bool) -> web.Response:
+        n = gen.params.n
+        texts: dict[int, list[str]] = {}
+        tokens: dict[int, list[int]] = {}
+        finish: dict[int, tuple] = {}
+        async for update in gen.updates():
+            for s in update.samples:
+                index = update.tag * n + s.index
+                texts.setdefault(index, []).append(s.text)
+                tokens.setdefault(index, []).extend(s.token_ids)
+                if s.finish_reason is not None:
+                    finish[index] = (s.finish_reason, s.stop_reason)
+        choices = []
+        for index in range(len(gen.prompts) * n):
+            reason, stop_reason = finish.get(index, (None, None))
+            ids = tokens.get(index, []) if return_token_ids else None
+            text = "".join(texts.get(index, []))
+            if chat:
+                choices.append(protocol.chat_choice(index, text, reason, stop_reason, ids))
+            else:
+                prompt_ids = gen.prompts[index // n] if return_token_ids else None
+                choices.append(protocol.completion_choice(index, text, reason, stop_reason, ids, prompt_ids))
+        usage = protocol.usage(sum(map(len, gen.prompts)), sum(map(len, tokens.values())))
+        shape = protocol.chat_response if chat else protocol.completion_response
+        return json_response(shape(gen.request_id, model, choices, usage))
+
+    async def _stream(self, request: web.Request, gen: Generation, model: str, include_usage: bool,
+                      return_token_ids: bool, chat: bool) -> web.StreamResponse:
+        """SSE in OpenAI's chunk format, one event per token update, flushed as it is written."""
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        created, n = int(time.time()), gen.params.n
+        shape = protocol.chat_response if chat else protocol.completion_response
+
+        async def send(choices: list[dict], usage=None) -> None:
+            body = shape(gen.request_id, model, choices, usage, created, chunk=True)
+            await response.write(b"data: " + _dumps(body) + b"\n\n")
+
+        completion_tokens = 0
+        try:
+            if chat:
+                for index in range(len(gen.prompts) * n):
+                    await send([protocol.chat_chunk_choice(index, {"role": "assistant", "content": ""})])
+            async for update in gen.updates():
+                for s in update.samples:
+                    completion_tokens += len(s.token_ids)
+                    index = update.tag * n + s.index
+                    ids = s.token_ids if return_token_ids else None
+                    if not (s.text or s.finish_reason or ids):
+                        continue
+                    if not chat:
+                        await send([protocol.completion_choice(index, s.text, s.finish_reason, s.stop_reason, ids)])
+                        continue
+                    if s.text or ids:
+                        await send([protocol.chat_chunk_choice(index, {"content": s.text}, token_ids=ids)])
+                    if s.finish_reason is not None:
+                        await send([protocol.chat_chunk_choice(index, {}, s.finish_reason, s.stop_reason)])
+            if include_usage:
+                await send([], protocol.usage(sum(map(len, gen.prompts)), completion_tokens))
+        except PrefixServeError as exc:  # the engine died mid-stream: the status is already sent
+            await response.write(b"data: " + _dumps(protocol.error_body(exc.http_status, str(exc))) + b"\n\n")
+        except ConnectionError:  # the client went away; the caller's `finally` aborts the engine requests
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from workers.attention import available_backends
+
+    parser = subparsers.add_parser(
+        "serve", help="Run the OpenAI-compatible HTTP server.",
+        description="Serve a base model and its PEFT prefix-tuning adapters over an OpenAI-compatible HTTP API "
+                    "(/v1/completions, /v1/chat/completions, /v1/models, /v1/load_prefix, /v1/unload_prefix, "
+                    "/health, /metrics). Choose a prefix by putting its name in the request's `model`.")
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="Hugging Face model directory. Omitted: the embedded SmolLM2-135M-Instruct, with the "
+                             "demo prefixes in engine/demo_prefixes/ when the package ships them.")
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="Address to listen on (default: 127.0.0.1; 0.0.0.0 for all interfaces).")
+    net.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000; 0 picks a free one).")
+    net.add_argument("--api-key", default=None, metavar="KEY",
+                     help="Require 'Authorization: Bearer KEY' on every route except /health (default: "
+                          "$PREFIX_SERVE_API_KEY; neither set: no auth).")
+    net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="Names that select the base model in `model`; the first is reported in responses "
+                          "(default: MODEL as given, or SmolLM2-135M-Instruct).")
+    net.add_argument("--debug-endpoints", action="store_true",
+                     help="Add GET /debug/engine_state (integrity check and KV block counts), for tests.")
+    net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="Logging level (default: INFO).")
+    prefixes = parser.add_argument_group("prefixes")
+    prefixes.add_argument("--prefix-dir", action="append", default=[], metavar="DIR",
+                          help="Register every subdirectory of DIR holding a PEFT prefix adapter, named after the "
+                               "subdirectory (configs are read at startup, tensors on first use; subdirectories "
+                               "added later are found on first request). Also allows /v1/load_prefix paths under "
+                               "DIR. Repeatable.")
+    prefixes.add_argument("--allowed-prefix-root", action="append", default=[], metavar="DIR",
+                          help="Allow /v1/load_prefix paths under DIR without registering its contents. "
+                               "Repeatable. With neither this nor --prefix-dir, loading by path is refused (403).")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu).")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto (the default): float32 on CPU, bfloat16 on CUDA.")
+    engine.add_argument("--executor", default="inprocess", choices=["inprocess", "ray"],
+                        help="Where the model worker runs: inside the engine process (default), or as a Ray "
+                             "actor (ray.init() honours $RAY_ADDRESS).")
+    engine.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block (default: 16).")
+    engine.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV-cache size in blocks (default: sized from memory).")
+    engine.add_argument("--max-num-seqs", type=int, default=256,
+                        help="Most sequences in one batch (default: 256).")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="Token budget of one step (default: 2048).")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="Context limit for prefix + prompt + output (default: the model's, capped by the "
+                             "KV cache).")
+    engine.add_argument("--attention-backend", default=None, choices=available_backends(),
+                        help="Attention kernel (default: the best available for the device).")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="Share of GPU memory for weights and KV cache (default: 0.9).")
+    engine.add_argument("--cpu-kv-cache-gb", type=float, default=2.0,
+                        help="KV-cache size on CPU, in GiB (default: 2).")
+    engine.add_argument("--host-prefix-cache-size", type=int, default=1024,
+                        help="Prefixes kept in host memory after eviction from the device (default: 1024).")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _prefix_dirs(args) -> list[str]:
+    dirs = []
+    for directory in args.prefix_dir:
+        if not Path(directory).is_dir():
+            raise SystemExit(f"prefix-serve serve: --prefix-dir {directory!r} is not a directory.")
+        dirs.append(str(Path(directory).resolve()))
+    if args.model is None and DEMO_PREFIX_DIR.is_dir() and any(DEMO_PREFIX_DIR.glob("*/adapter_config.json")):
+        dirs.insert(0, str(DEMO_PREFIX_DIR))
+    return dirs
+
+
+def run(args) -> int:
+    from engine.config import EngineConfig
+    from engine.engine_process import EngineProcessOptions
+    from engine.model_loader import EMBEDDED_MODEL_NAME
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    prefix_dirs = _prefix_dirs(args)
+    for root in args.allowed_prefix_root:
+        if not Path(root).is_dir():
+            raise SystemExit(f"prefix-serve serve: --allowed-prefix-root {root!r} is not a directory.")
+    config = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        executor=args.executor, attention_backend=args.attention_backend,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+        host_prefix_cache_size=args.host_prefix_cache_size,
+        allowed_prefix_roots=tuple([d for d in prefix_dirs if d != str(DEMO_PREFIX_DIR)]
+                                   + [str(Path(r).resolve()) for r in args.allowed_prefix_root]))
+    options = EngineProcessOptions(prefix_dirs=tuple(prefix_dirs), debug=args.debug_endpoints,
+                                   log_level=args.log_level)
+    names = tuple(args.served_model_name or [args.model if args.model is not None else EMBEDDED_MODEL_NAME])
+    api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY") or None
+    return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints))
+
+
+def _load_tokenizers(model_path: str) -> tuple:
+    """Two copies of the model's tokenizer (a fast tokenizer must not be shared between threads), or Nones."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    except Exception as exc:  # noqa: BLE001 - a model without a tokenizer can still serve token-id prompts
+        logger.warning("no tokenizer in %s (%s): only token-id prompts will work", model_path, exc)
+        return None, None
+
+
+async def serve(config, options, served_names: tuple[str, ...], host: str, port: int, api_key: str | None,
+                debug_endpoints: bool) -> int:
+    """Start the engine process, then the HTTP server; run until SIGINT/SIGTERM or until the engine dies."""
+    from prometheus_client import disable_created_metrics
+
+    from engine.async_engine import EngineStartupError
+    from engine.metrics import ServerMetrics
+
+    try:
+        client, info, tokenizer = await _start_engine(config, options)
+    except EngineStartupError as exc:
+        print(f"prefix-serve: the engine failed to start:\n{exc}", file=sys.stderr, flush=True)
+        return 1
+    disable_created_metrics()  # the `_created` series only double the scrape size
+    settings = ServerSettings(served_names, info["model_path"], info["max_model_len"], api_key, debug_endpoints)
+    server = OpenAIServer(client, tokenizer, settings, ServerMetrics())
+    runner = web.AppRunner(server.build_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    await web.SockSite(runner, sock).start()
+    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    print(f"prefix-serve: serving model name(s) {', '.join(served_names)} at {url}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    print(f"prefix-serve: ready on {url}", flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(client.dead_event.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    print("prefix-serve: shutting down" + (f" ({client.dead})" if client.dead else ""), flush=True)
+    await runner.cleanup()  # cancels open handlers, which abort their engine requests
+    await asyncio.to_thread(client.shutdown)
+    return 1 if client.dead and not stop.is_set() else 0
+
+
+async def _start_engine(config, options):
+    """Spawn the engine process and load the frontend's tokenizers; returns (client, ready info, tokenizer)."""
+    from engine.async_engine import AsyncEngineClient
+
+    print(f"prefix-serve: starting the engine process for {config.model or 'the embedded SmolLM2-135M-Instruct'} "
+          f"on {config.device} ...", flush=True)
+    started = time.monotonic()
+    client = AsyncEngineClient(config, options)
+    # A model directory's tokenizers load while the engine process starts; the embedded model's path is known
+    # only once the engine has resolved (and, the first time, converted) it.
+    tokenizers = asyncio.ensure_future(asyncio.to_thread(_load_tokenizers, config.model)) \
+        if config.model is not None and Path(config.model).is_dir() else None
+    try:
+        info = await asyncio.to_thread(client.start)
+    except BaseException:
+        if tokenizers is not None:
+            await asyncio.gather(tokenizers, return_exceptions=True)
+        raise
+    if tokenizers is None:
+        tokenizers = asyncio.ensure_future(asyncio.to_thread(_load_tokenizers, info["model_path"]))
+    tokenizer, client.decode_tokenizer = await tokenizers  # encoding on the loop, decoding in the reader thread
+    client.attach(asyncio.get_running_loop())
+    print(f"prefix-serve: engine ready in {time.monotonic() - started:.1f} s (pid {info['pid']}): model "
+          f"{info['model_path']}, max_model_len {info['max_model_len']}, {info['num_prefixes']} prefixes "
+          f"registered", flush=True)
+    return client, info, tokenizer
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.server [MODEL] [options]`: the `serve` subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="prefix-serve")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
