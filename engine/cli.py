@@ -1,7 +1,8 @@
-"""The `prefix-serve` command: `serve`, `train`, `eval` and `bench` subcommands.
+"""The `prefix-serve` command: `serve`, `demo`, `train`, `eval` and `bench` subcommands.
 
 Each subcommand lives in its own module, which provides `add_parser(subparsers)`; the parser's `func` default
-runs it. Modules are imported lazily so `--help` stays fast.
+runs it. Only the chosen subcommand's module is imported, so `--help` is fast and one subcommand's optional
+dependencies never break another.
 """
 
 from __future__ import annotations
@@ -11,24 +12,30 @@ import importlib
 import sys
 
 _SUBCOMMANDS = {
-    "serve": "engine.server",
-    "train": "engine.train",
-    "eval": "engine.evaluate",
-    "bench": "benchmarks.bench",
+    "serve": ("engine.server", "run the OpenAI-compatible HTTP server"),
+    "demo": ("engine.demo", "show the same prompts with and without each demo prefix"),
+    "train": ("engine.train", "train a PEFT prefix-tuning adapter on JSONL data"),
+    "eval": ("engine.evaluate", "score a prefix against the base model on held-out data"),
+    "bench": ("benchmarks.bench", "run the offline benchmarks (baselines and ours in one run)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-serve",
                                      description="Serve many PEFT prefix-tuned tasks on one frozen LLM.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in _SUBCOMMANDS.values():
-        importlib.import_module(module_name).add_parser(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_SUBCOMMANDS) + "}")
+    for name, (module_name, help_text) in _SUBCOMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in _SUBCOMMANDS else None).parse_args(argv)
     return int(args.func(args) or 0)
 
 

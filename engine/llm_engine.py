@@ -169,6 +169,8 @@ class EngineCore:
         for seq in request.sequences:
             self.scheduler.finish(seq, "abort")
         self._count_finished(request)
+        if self._retired:
+            self._evict_retired()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -259,13 +261,7 @@ class EngineCore:
         elif not params.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
         elif params.stop_strings and self.tokenizer is not None:
-            text = self._decode(seq)
-            for stop in params.stop_strings:
-                cut = text.find(stop)
-                if cut != -1:
-                    reason, stop_reason = "stop", stop
-                    seq.output_text = text[:cut]
-                    break
+            reason, stop_reason = self._find_stop_string(seq)
         if reason is None and (len(seq.output_token_ids) >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
@@ -274,6 +270,19 @@ class EngineCore:
             self.scheduler.finish(seq, reason)
             if not isinstance(stop_reason, str):
                 seq.output_text = self._decode(seq)
+
+    def _find_stop_string(self, seq: Sequence) -> tuple[str | None, str | None]:
+        """Look for a stop string near the end of the output; decode all of it only when one may be there."""
+        stops = seq.request.params.stop_strings
+        window = max(map(len, stops)) + 4  # every token decodes to at least one character, mostly
+        tail = self.tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=True)
+        if not any(stop in tail for stop in stops):
+            return None, None
+        text = self._decode(seq)
+        hits = [(text.find(stop), stop) for stop in stops if stop in text]
+        cut, stop = min(hits)
+        seq.output_text = text[:cut]
+        return "stop", stop
 
     def _decode(self, seq: Sequence) -> str:
         if self.tokenizer is None:
