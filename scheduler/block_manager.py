@@ -60,6 +60,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._prefixes: dict[str, PrefixEntry] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # unpinned prefixes, least recently used first
+        self._num_cached = 0  # blocks held by the prefixes in _lru, kept current so counting is O(1)
         self.tables: dict[int, list[int]] = {}
         self.num_evictions = 0
 
@@ -73,7 +74,7 @@ class BlockManager:
 
     @property
     def num_cached_blocks(self) -> int:
-        return sum(len(self._prefixes[name].block_ids) for name in self._lru)
+        return self._num_cached
 
     @property
     def num_used_blocks(self) -> int:
@@ -121,7 +122,8 @@ class BlockManager:
         """Pin a prefix for one more sequence. Returns (entry, newly_allocated): new blocks need the prefix KV."""
         entry = self._prefixes.get(name)
         if entry is not None:
-            self._lru.pop(name, None)
+            if entry.num_users == 0:
+                self._unmark_cached(entry)
             entry.num_users += 1
             return entry, False
         block_ids = [self._take_block() for _ in range(self.blocks_for(num_tokens))]
@@ -135,14 +137,19 @@ class BlockManager:
         assert entry.num_users >= 0
         if entry.num_users == 0:
             self._lru[name] = None  # most recently used at the end
+            self._num_cached += len(entry.block_ids)
+
+    def _unmark_cached(self, entry: PrefixEntry) -> None:
+        del self._lru[entry.name]
+        self._num_cached -= len(entry.block_ids)
 
     def evict_prefix(self, name: str) -> bool:
         """Drop an unpinned prefix's blocks. Returns False (and keeps it) while sequences still use it."""
         entry = self._prefixes.get(name)
         if entry is None or entry.num_users > 0:
             return False
+        self._unmark_cached(entry)
         del self._prefixes[name]
-        self._lru.pop(name, None)
         for block_id in entry.block_ids:
             self._release(block_id)
         self.num_evictions += 1
@@ -217,6 +224,7 @@ class BlockManager:
         assert len(free) == len(self._free), "a block is on the free list twice"
         assert free == {i for i, n in enumerate(expected) if n == 0}, "free list does not match zero refcounts"
         cached = {b for name in self._lru for b in self._prefixes[name].block_ids}
+        assert len(cached) == self._num_cached, "the cached-block counter is off"
         assert all(expected[b] == 1 for b in cached), "a cached prefix block is also in a block table"
         used = self.num_blocks - len(free) - len(cached)
         assert len(free) + len(cached) + used == self.num_blocks and used >= 0

@@ -36,26 +36,27 @@ class TorchPagedAttention(AttentionBackend):
 
     def plan(self, meta: AttentionMetadata) -> _Plan:
         starts = meta.query_start_loc.tolist()
-        decode, prefills = [], []
+        decode_idx, prefills = [], []
         for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
-            slots = sequence_slots(meta.block_tables[s], seq_len, meta.block_size)
             if q_len == 1:
-                decode.append((starts[s], slots))
+                decode_idx.append(s)
                 continue
+            slots = sequence_slots(meta.block_tables[s], seq_len, meta.block_size)
             key_pos = torch.arange(seq_len, device=slots.device)
             query_pos = seq_len - q_len + torch.arange(q_len, device=slots.device)
             prefills.append((starts[s], starts[s] + q_len, slots, key_pos[None, :] <= query_pos[:, None]))
-        if not decode:
+        if not decode_idx:
             return _Plan(None, None, None, prefills)
-        max_len = max(len(slots) for _, slots in decode)
+        # all decode rows at once: [Bd, max_len] slots from the padded block tables, masked past each length
         device = meta.slot_mapping.device
-        padded = torch.zeros(len(decode), max_len, dtype=torch.long, device=device)
-        mask = torch.zeros(len(decode), 1, 1, max_len, dtype=torch.bool, device=device)
-        for i, (_, slots) in enumerate(decode):
-            padded[i, : len(slots)] = slots
-            mask[i, ..., : len(slots)] = True
-        rows = torch.tensor([row for row, _ in decode], dtype=torch.long, device=device)
-        return _Plan(rows, padded, mask, prefills)
+        rows = torch.tensor(decode_idx, dtype=torch.long, device=device)
+        max_len = max(meta.seq_lens_list[s] for s in decode_idx)
+        idx = torch.arange(max_len, device=device)
+        tables = meta.block_tables.long()[rows][:, idx // meta.block_size]
+        slots = tables * meta.block_size + idx % meta.block_size
+        mask = (idx[None, :] < meta.seq_lens.long()[rows][:, None]).view(len(decode_idx), 1, 1, max_len)
+        packed_rows = meta.query_start_loc.long()[rows]
+        return _Plan(packed_rows, slots, mask, prefills)
 
     def forward(self, query, key_cache, value_cache, meta):
         plan: _Plan = meta.plan
