@@ -23,6 +23,7 @@ class LLM:
                                    max_num_batched_tokens=max_num_batched_tokens, executor=executor,
                                    skip_tokenizer_init=skip_tokenizer_init, **kwargs)
         self.engine = EngineCore(self.config)
+        self.engine.emit_unfinished = False  # generate() only reads finished outputs
         self._ids = itertools.count()
 
     @property

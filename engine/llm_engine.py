@@ -78,6 +78,9 @@ class EngineCore:
         self._registrations = itertools.count()
         self._retired: set[str] = set()  # keys of unloaded prefixes whose blocks may still be in use
         self._stream: set[str] = set()  # requests that want text after every step
+        # step() reports every request that changed; offline callers that only read finished outputs turn
+        # this off and skip building an output per running request per step
+        self.emit_unfinished = True
 
     # ---- prefixes -------------------------------------------------------------------------------------------
     def load_prefix(self, name: str, path: str, check_path: bool = False) -> None:
@@ -238,7 +241,8 @@ class EngineCore:
             for s in new_seqs:
                 stats.generation_tokens += 1
                 self._check_stop(s)
-            changed[request.request_id] = request
+            if self.emit_unfinished or request.request_id in self._stream or request.finished:
+                changed[request.request_id] = request
         return [self._output(r, now) for r in changed.values()]
 
     def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:

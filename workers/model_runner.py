@@ -4,20 +4,27 @@ We keep transformers' model classes for weights and layers and register our own 
 ("prefix_serve"). The whole step runs as one batch of shape [1, num_tokens] with explicit position ids; the
 attention function finds the step's metadata in the forward kwargs, writes the new K/V into the cache and
 attends over each sequence's block table, prefix blocks included.
+
+A step's integer inputs travel to the device as one int32 buffer in one copy, with no device-to-host read, so
+the host can queue the step while the device still runs the last one. Pure-decode steps run as CUDA graphs
+where possible (`workers.cuda_graphs`); everything else, and every step on CPU, runs eagerly.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from engine.model_loader import ModelSpec
 from workers.attention import AttentionBackend, AttentionMetadata, get_backend_class, write_kv
+from workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, GraphStats, host_int32
 from workers.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "prefix_serve"
 _STEP_KWARG = "prefix_serve_step"
+_ALIGN = 16  # packed fields start at multiples of 16 int32s (64 bytes), which kernels compile best for
 _registered = False
 
 
@@ -40,15 +47,16 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def register_attention() -> None:
+    """Register our attention function. No mask function is registered for it on purpose: transformers then
+    skips mask creation altogether (masks come from block tables and sequence lengths). With one registered, it
+    would run its packed-sequence check on our position ids, which reads a device value back every step and
+    cannot be captured in a CUDA graph."""
     global _registered
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _paged_attention)
-    # Masks come from block tables and sequence lengths; transformers must not build a dense one.
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lambda *args, **kwargs: None)
     _registered = True
 
 
@@ -78,8 +86,31 @@ def load_model(model_path: str, dtype: torch.dtype, device: str):
     return model.to(device).eval()
 
 
+def pack_fields(fields: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Concatenate int lists into one, each starting at a multiple of _ALIGN; returns (flat, start offsets)."""
+    flat: list[int] = []
+    offsets = []
+    for values in fields:
+        offsets.append(len(flat))
+        flat += values
+        flat += [0] * (-len(flat) % _ALIGN)
+    return flat, offsets
+
+
+def flatten_tables(block_tables: list[list[int]], width: int) -> list[int]:
+    """Block tables as one row-major [B, width] list, each row padded with block 0 (never read past its end)."""
+    flat: list[int] = []
+    for table in block_tables:
+        flat += table
+        flat += [0] * (width - len(table))
+    return flat
+
+
 class ModelRunner:
-    def __init__(self, model, spec: ModelSpec, kv_cache: KVCache, backend_name: str):
+    def __init__(self, model, spec: ModelSpec, kv_cache: KVCache, backend_name: str,
+                 scratch_block: int | None = None, cuda_graphs: CudaGraphConfig | None = None):
+        """`scratch_block`: a cache block that no sequence owns, where padding rows of a CUDA-graph batch write;
+        without one, every step runs eagerly. `cuda_graphs`: None reads the PREFIX_SERVE_CUDA_GRAPHS* variables."""
         self.model = model
         self.spec = spec
         self.kv_cache = kv_cache
@@ -88,31 +119,71 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         scale = spec.head_dim ** -0.5
         self.backend = get_backend_class(backend_name)(spec.num_heads, spec.num_kv_heads, spec.head_dim, scale)
+        self.graphs = self._make_graphs(cuda_graphs or CudaGraphConfig.from_env(), scratch_block)
 
-    def _metadata(self, step: StepInputs) -> AttentionMetadata:
-        device = self.device
-        max_blocks = max(len(t) for t in step.block_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in step.block_tables], dtype=torch.int32)
-        starts = [0]
-        for q in step.query_lens:
-            starts.append(starts[-1] + q)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.long, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32, device=device),
-            block_tables=tables.to(device),
-            query_lens_list=step.query_lens, seq_lens_list=step.seq_lens, block_size=self.kv_cache.block_size,
-            max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens))
-        meta.plan = self.backend.plan(meta)
-        return meta
+    def _make_graphs(self, config: CudaGraphConfig, scratch_block: int | None) -> DecodeGraphs | None:
+        if scratch_block is None or not config.enabled_for(self.device) or not DecodeGraphs.supported(self.backend):
+            return None
+        block_size = self.kv_cache.block_size
+        max_blocks = -(-self.spec.max_model_len // block_size) + 1
+        graphs = DecodeGraphs(config, self._forward, self.backend, self.device, block_size, scratch_block,
+                              max_blocks)
+        if config.capture_at_start and self.device.type == "cuda":
+            with torch.inference_mode():
+                graphs.capture_all()
+        return graphs
+
+    @property
+    def graph_stats(self) -> GraphStats | None:
+        return self.graphs.stats if self.graphs is not None else None
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [N] -> fp32 logits of `rows` (all rows when None)."""
+        ctx = StepContext(meta, self.kv_cache, self.backend)
+        hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                              **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return self.lm_head(hidden).float()
 
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:
         """Run one packed forward; returns fp32 logits [len(sample_rows), vocab]."""
-        ctx = StepContext(self._metadata(step), self.kv_cache, self.backend)
-        input_ids = torch.tensor([step.input_ids], dtype=torch.long, device=self.device)
-        positions = torch.tensor([step.positions], dtype=torch.long, device=self.device)
-        hidden = self.decoder(input_ids=input_ids, position_ids=positions, use_cache=False,
-                              **{_STEP_KWARG: ctx}).last_hidden_state[0]
-        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
-        return self.lm_head(hidden.index_select(0, rows)).float()
+        if self.graphs is not None:
+            logits = self._execute_graph(step)
+            if logits is not None:
+                return logits
+            self.graphs.stats.eager_steps += 1
+        return self._execute_eager(step)
+
+    def _execute_graph(self, step: StepInputs) -> torch.Tensor | None:
+        key = self.graphs.key_for(step.query_lens, step.seq_lens, step.block_tables)
+        if key is None:
+            return None
+        logits = self.graphs.run(key, step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
+                                 step.block_tables)
+        if logits is None or len(step.sample_rows) == len(step.input_ids):
+            return logits
+        # some rows are non-final 1-token prefill chunks: keep only the sampled ones
+        rows = torch.tensor(step.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return logits.index_select(0, rows)
+
+    def _execute_eager(self, step: StepInputs) -> torch.Tensor:
+        num_seqs = len(step.query_lens)
+        width = max(map(len, step.block_tables))
+        query_start_loc = list(itertools.accumulate(step.query_lens, initial=0))
+        flat, at = pack_fields([step.input_ids, step.positions, step.slot_mapping, step.sample_rows,
+                                query_start_loc, step.seq_lens, flatten_tables(step.block_tables, width)])
+        packed = host_int32(flat).to(self.device, non_blocking=True)  # one copy for every integer input
+        n, b = len(step.input_ids), num_seqs
+        meta = AttentionMetadata(
+            slot_mapping=packed[at[2]: at[2] + n].long(),
+            query_start_loc=packed[at[4]: at[4] + b + 1],
+            seq_lens=packed[at[5]: at[5] + b],
+            block_tables=packed[at[6]: at[6] + b * width].view(b, width),
+            query_lens_list=step.query_lens, seq_lens_list=step.seq_lens, block_size=self.kv_cache.block_size,
+            max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens))
+        meta.plan = self.backend.plan(meta)
+        rows = packed[at[3]: at[3] + len(step.sample_rows)]
+        return self._forward(packed[at[0]: at[0] + n], packed[at[1]: at[1] + n], meta, rows)

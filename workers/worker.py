@@ -54,8 +54,11 @@ class Worker:
         dtype = _dtype(config.dtype)
         model = load_model(config.model_path, dtype, config.device)
         num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
-        self.kv_cache = KVCache(spec, num_blocks, config.block_size, dtype, config.device)
-        self.runner = ModelRunner(model, spec, self.kv_cache, config.attention_backend)
+        # One block more than the engine manages: the model runner's scratch block, which the padding rows of a
+        # CUDA-graph decode batch write to. kv_cache.num_blocks stays the count the engine may hand out.
+        self.kv_cache = KVCache(spec, num_blocks + 1, config.block_size, dtype, config.device)
+        self.kv_cache.num_blocks = num_blocks
+        self.runner = ModelRunner(model, spec, self.kv_cache, config.attention_backend, scratch_block=num_blocks)
         self.host_prefixes = HostPrefixCache(config.host_prefix_cache_size)
         self.seqs: dict[int, SeqState] = {}
 

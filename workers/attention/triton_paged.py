@@ -168,7 +168,24 @@ class TritonPagedAttention(AttentionBackend):
         self.group = num_heads // num_kv_heads
         self.block_d = max(16, _next_pow2(head_dim))  # non-power-of-two head dims are padded and masked
 
+    def decode_variant(self, max_seq_len: int) -> bool:
+        """Which decode tile config a batch whose longest context is `max_seq_len` uses (True: the long one)."""
+        return max_seq_len > self.LONG_CONTEXT
+
+    def static_decode_plan(self, seq_index: torch.Tensor, long_context: bool) -> TritonPlan:
+        """The plan of a pure-decode batch (row i is sequence i; seq_index = arange(B) int32 on the device).
+
+        It is built from device tensors alone and its launch grid depends only on B: the kernel reads its loop
+        bounds from seq_lens on the device. So a CUDA graph captured with it is valid for any contexts; both tile
+        configs are exact, `long_context` only picks the faster one."""
+        config = _TileConfig(max(16, _next_pow2(self.group)), *(self.DECODE_LONG if long_context
+                                                                else self.DECODE_SHORT))
+        return TritonPlan([_TileSet(config, 1, seq_index, torch.zeros_like(seq_index))])
+
     def plan(self, meta: AttentionMetadata) -> TritonPlan:
+        if meta.max_query_len == 1:  # pure decode: no host loop, no copy
+            seq_index = torch.arange(len(meta.query_lens_list), dtype=torch.int32, device=meta.seq_lens.device)
+            return self.static_decode_plan(seq_index, self.decode_variant(meta.max_seq_len))
         decode_cfg = self.DECODE_LONG if meta.max_seq_len > self.LONG_CONTEXT else self.DECODE_SHORT
         decode = _TileConfig(max(16, _next_pow2(self.group)), *decode_cfg)
         prefill_block_m, *prefill_cfg = self.PREFILL

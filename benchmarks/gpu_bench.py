@@ -1,0 +1,605 @@
+"""GPU throughput, part (2) of `benchmarks/gpu_check.sh`: prefix-serve against PEFT and transformers, and the roofline.
+
+    PYTHONPATH=. python -m benchmarks.gpu_bench setup   --dir DIR              # model + 256 prefixes
+    PYTHONPATH=. python -m benchmarks.gpu_bench ours    --dir DIR --out J      # + copy bandwidth, step timing
+    PYTHONPATH=. python -m benchmarks.gpu_bench peft    --dir DIR --out J
+    PYTHONPATH=. python -m benchmarks.gpu_bench cb      --dir DIR --out J
+    PYTHONPATH=. python -m benchmarks.gpu_bench summary --results RESULTS_DIR    # the table (no torch needed)
+
+Model: a random-weight Llama, hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 5632, vocabulary 32000,
+bf16. Workload (ours): 1,024 requests over 256 PEFT prefixes of P=32 virtual tokens (random adapters in PEFT's
+format), prompts of 128 tokens, 128 new tokens each (ignore_eos), greedy. Every prefix is loaded once during the
+warm-up, so the timed run is steady-state serving with the prefixes resident (the load times are reported).
+
+Baselines, each in its own process on the same GPU:
+- PEFT: PeftModel.generate with one prefix at batch 256, 128 prompt / 128 new tokens (with transformers 5.17,
+  the GPU image's version, generate applies the prefix; see DESIGN section 1).
+- transformers' continuous batching: `model.generate_batch` over --cb-requests prompts, no prefix. Its rate is
+  taken from its own request timestamps (first request created -> last finished), so its warm-up and CUDA-graph
+  capture are not counted against it; the whole call's rate is reported too.
+
+Roofline: the measured device-to-device copy bandwidth (bytes read + written per second), and the decode rate it
+allows: batch / ((weight bytes + batch x average context x KV bytes per token) / bandwidth), at batch = the
+number of running sequences (max_num_seqs) and the workload's average decode context (P + prompt + new / 2).
+Weight bytes count every parameter once, less the input embedding when untied (a decode step reads only B rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_prefixes: int = 256
+    num_virtual_tokens: int = 32
+    prompt: int = 128
+    new: int = 128
+    requests: int = 1024
+    model: dict = field(default_factory=lambda: dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False))
+
+    @property
+    def avg_decode_context(self) -> float:
+        return self.num_virtual_tokens + self.prompt + self.new / 2
+
+
+FULL = Workload()
+# --small: the same code paths in seconds on a CPU, to check the script itself
+SMALL = Workload(num_prefixes=8, prompt=16, new=8, requests=24, model=dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+class Results:
+    """A JSON file rewritten after every result, so a part killed by its time limit keeps what it finished."""
+
+    def __init__(self, path: str | None, **header):
+        self.path = path
+        self.data = dict(header)
+        self.flush()
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps(self.data, indent=1, default=str))
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _paths(root: str) -> tuple[Path, Path]:
+    return Path(root) / "model", Path(root) / "prefixes"
+
+
+def _prompts(work: Workload, count: int, seed: int) -> list[list[int]]:
+    from benchmarks.common import random_prompts
+
+    return random_prompts(count, work.prompt, work.prompt, work.model["vocab_size"], seed=seed)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _dtype(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+# ---- setup --------------------------------------------------------------------------------------------------------
+def part_setup(args, work: Workload) -> int:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks.common import write_random_prefix
+    from engine.model_loader import ModelSpec
+
+    results = Results(args.out, part="setup", workload=asdict(work))
+    try:
+        import peft
+        import triton
+        versions = (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+                    f"triton {triton.__version__}")
+    except Exception:  # noqa: BLE001
+        versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results.put("device", device_name)
+    results.put("versions", versions)
+    print(f"  {device_name} | {versions}", flush=True)
+    model_dir, prefix_dir = _paths(args.dir)
+    start = time.perf_counter()
+    config = LlamaConfig(**{**work.model, **({"num_hidden_layers": args.num_layers} if args.num_layers else {})})
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        torch.manual_seed(0)
+        with torch.device(args.device):  # random init on the device: seconds, not minutes
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, _dtype(args.device)))
+        results.put("parameters", sum(p.numel() for p in model.parameters()))
+        model.save_pretrained(str(model_dir))
+        del model
+    results.put("model_seconds", round(time.perf_counter() - start, 1))
+    print(f"  model: {results.data.get('parameters', 0) / 1e9:.3f} B parameters, "
+          f"{results.data['model_seconds']} s", flush=True)
+    start = time.perf_counter()
+    spec = ModelSpec.from_config(config)
+    for i in range(work.num_prefixes):
+        out = prefix_dir / f"t{i:03d}"
+        if not (out / "adapter_model.safetensors").is_file():
+            write_random_prefix(out, spec, work.num_virtual_tokens, seed=i, model_name=str(model_dir))
+    results.put("prefix_seconds", round(time.perf_counter() - start, 1))
+    results.put("ok", True)
+    print(f"  {work.num_prefixes} prefixes (P={work.num_virtual_tokens}) in {results.data['prefix_seconds']} s",
+          flush=True)
+    return 0
+
+
+# ---- roofline pieces ----------------------------------------------------------------------------------------------
+def copy_bandwidth(num_bytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy of a large tensor: bytes read + bytes written per second."""
+    import torch
+
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / seconds
+
+
+def weight_bytes_read_per_step(model) -> int:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    embed = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight.data_ptr() != embed.data_ptr():
+        total -= embed.numel() * embed.element_size()  # a decode step gathers only B rows of the input embedding
+    return total
+
+
+def roofline_tok_s(bandwidth: float, weight_bytes: int, kv_bytes_per_token: int, batch: int,
+                   avg_context: float) -> float:
+    step_bytes = weight_bytes + batch * avg_context * kv_bytes_per_token
+    return batch / (step_bytes / bandwidth)
+
+
+# ---- ours ---------------------------------------------------------------------------------------------------------
+def _synthetic_decode(runner, num_blocks: int, batch: int, context: int):
+    """A decode step of `batch` sequences with `context` tokens each, on blocks at the top of the cache (which the
+    finished run never reached), so it overwrites nothing that is still cached."""
+    from workers.model_runner import StepInputs
+
+    block_size = runner.kv_cache.block_size
+    per_seq = math.ceil(context / block_size)
+    first = num_blocks - batch * per_seq
+    if first < 0:
+        raise RuntimeError("the cache is too small for the synthetic step")
+    tables = [[first + i * per_seq + j for j in range(per_seq)] for i in range(batch)]
+    last = context - 1
+    slots = [t[last // block_size] * block_size + last % block_size for t in tables]
+    return StepInputs([1] * batch, [last] * batch, slots, [1] * batch, [context] * batch, tables,
+                      list(range(batch)))
+
+
+def _time_host(fn, device: str, iters: int = 20) -> float:
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def _time_device(fn, iters: int = 20) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def step_timing(runner, num_blocks: int, batch: int, context: int, device: str) -> dict:
+    """One decode step at (batch, context): graph replay alone (device time), the runner's whole execute (host +
+    device, synchronized), and the eager forward."""
+    import torch
+
+    step = _synthetic_decode(runner, num_blocks, batch, context)
+    out = {"batch": batch, "context": context}
+    with torch.inference_mode():
+        out["execute_ms"] = round(_time_host(lambda: runner.execute(step), device), 3)
+        graphs = runner.graphs
+        if graphs is not None and device.startswith("cuda"):
+            from workers.cuda_graphs import bucket_for
+
+            graph = graphs.graphs.get((bucket_for(batch, graphs.sizes), runner.backend.decode_variant(context)))
+            if graph is not None:
+                runner.execute(step)  # the graph's static inputs now hold this step
+                out["graph_replay_ms"] = round(_time_device(graph.replay), 3)
+        out["eager_ms"] = round(_time_host(lambda: runner._execute_eager(step), device), 3)
+    return out
+
+
+def _engine_info(llm, start: float) -> dict:
+    import torch
+
+    engine = llm.engine
+    worker = engine.executor.worker
+    spec = engine.spec
+    stats = worker.runner.graph_stats
+    kv = worker.kv_cache.data
+    info = {"init_seconds": round(time.perf_counter() - start, 1), "attention_backend": engine.attention_backend,
+            "num_blocks": worker.kv_cache.num_blocks, "kv_cache_gb": round(kv.numel() * kv.element_size() / 1e9, 1),
+            "weight_bytes": weight_bytes_read_per_step(worker.runner.model),
+            "kv_bytes_per_token": spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * kv.element_size()}
+    if kv.is_cuda:
+        info["gpu_total_gb"] = round(torch.cuda.mem_get_info()[1] / 1e9, 1)
+    if stats is not None:
+        info.update(graphs_captured=len(stats.captured), graph_capture_seconds=round(stats.capture_seconds, 2),
+                    graph_memory_mb=round(stats.graph_memory_bytes / 2**20),
+                    graph_failures={str(k): v[:300] for k, v in stats.failed.items()})
+    return info
+
+
+def part_ours(args, work: Workload) -> int:
+    from engine import LLM, SamplingParams
+
+    device = args.device
+    results = Results(args.out, part="ours", workload=asdict(work), max_num_seqs=args.max_num_seqs,
+                      requests=work.requests, max_num_batched_tokens=args.max_num_batched_tokens)
+    model_dir, prefix_dir = _paths(args.dir)
+    if device.startswith("cuda"):
+        try:
+            bandwidth = copy_bandwidth()
+            results.put("copy_bandwidth", bandwidth)
+            print(f"  copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"FAIL copy bandwidth: {_reason(exc)}")
+            results.put("copy_bandwidth_error", _reason(exc))
+
+    start = time.perf_counter()
+    llm = LLM(model=str(model_dir), device=device, dtype=_dtype(device), skip_tokenizer_init=True, block_size=16,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              num_kv_blocks=None if device.startswith("cuda") else 4096)
+    results.put("engine", _engine_info(llm, start))
+    print(f"  engine up: {results.data['engine']}", flush=True)
+    engine = llm.engine
+    runner = engine.executor.worker.runner
+    stats = runner.graph_stats
+
+    names = engine.register_prefix_dir(str(prefix_dir))
+    params = SamplingParams(max_tokens=work.new, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(work, work.requests, seed=0)]
+    start = time.perf_counter()
+    warm = [{"prompt_token_ids": p["prompt_token_ids"][:8]} for p in prompts[: len(names)]]
+    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), prefix=names,
+                 use_tqdm=False)  # loads every prefix once; compiles the prefill and decode kernels
+    results.put("warmup", {"seconds": round(time.perf_counter() - start, 2),
+                           "prefix_loads": engine.stats.prefix_loads,
+                           "prefix_load_seconds_total": round(sum(engine.stats.prefix_load_seconds), 3)})
+    print(f"  warm-up: {results.data['warmup']}", flush=True)
+
+    timers = {"worker": 0.0, "runner": 0.0}
+    executor_execute, runner_execute = engine.executor.execute, runner.execute
+
+    def timed(fn, name):
+        def wrapper(arg):
+            t = time.perf_counter()
+            out = fn(arg)
+            timers[name] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    engine.executor.execute, runner.execute = timed(executor_execute, "worker"), timed(runner_execute, "runner")
+    steps0 = engine.stats.steps
+    graph0 = (stats.graph_steps, stats.eager_steps) if stats else (0, 0)
+    assignment = [names[i % len(names)] for i in range(len(prompts))]
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        outs = llm.generate(prompts, params, prefix=assignment, use_tqdm=False)
+        _sync(device)
+    finally:
+        engine.executor.execute, runner.execute = executor_execute, runner_execute
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    steps = engine.stats.steps - steps0
+    run = {"seconds": round(seconds, 3), "tokens": tokens, "tok_s": tokens / seconds, "steps": steps,
+           "ms_per_step": round(seconds / steps * 1e3, 3), "prefixes_used": len(set(assignment)),
+           "tokens_per_step": round(tokens / steps, 1), "worker_share": round(timers["worker"] / seconds, 3),
+           "runner_share": round(timers["runner"] / seconds, 3)}
+    if stats:
+        run.update(graph_steps=stats.graph_steps - graph0[0], eager_steps=stats.eager_steps - graph0[1],
+                   graphs_captured=len(stats.captured), graph_failures=len(stats.failed))
+    results.put("run", run)
+    print(f"  ours: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} tok/s; {run}", flush=True)
+    if tokens != work.requests * work.new:
+        print(f"FAIL ours: expected {work.requests * work.new} tokens, got {tokens}")
+
+    for batch in sorted({args.max_num_seqs, 64}, reverse=True):
+        try:
+            timing = step_timing(runner, engine.executor.worker.kv_cache.num_blocks, batch,
+                                 int(work.avg_decode_context), device)
+            results.put(f"step_b{batch}", timing)
+            print(f"  decode step timing: {timing}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            print(f"FAIL step timing at batch {batch}: {_reason(exc)}")
+            results.put(f"step_b{batch}", f"FAIL: {_reason(exc)}")
+    results.put("ok", True)
+    return 0
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------------
+def _hf_model(model_dir: Path, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, _dtype(device)),
+                                                attn_implementation="sdpa").to(device).eval()
+
+
+def part_peft(args, work: Workload) -> int:
+    import torch
+    from peft import PeftModel
+
+    device = args.device
+    results = Results(args.out, part="peft", batch=args.peft_batch, workload=asdict(work))
+    model_dir, prefix_dir = _paths(args.dir)
+    dtype = getattr(torch, _dtype(device))
+    model = PeftModel.from_pretrained(_hf_model(model_dir, device), str(prefix_dir / "t000")).to(dtype).eval()
+    ids = torch.tensor(_prompts(work, args.peft_batch, seed=1), device=device)
+    mask = torch.ones_like(ids)
+
+    def generate(n: int, new: int) -> int:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids[:n], attention_mask=mask[:n], max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return (out.shape[1] - ids.shape[1]) * n
+
+    generate(2, 2)
+    _sync(device)
+    start = time.perf_counter()
+    tokens = generate(args.peft_batch, work.new)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    results.put("run", {"seconds": round(seconds, 3), "tokens": tokens, "tok_s": tokens / seconds})
+    print(f"  PEFT batch {args.peft_batch}, one prefix: {tokens} tokens in {seconds:.2f} s = "
+          f"{tokens / seconds:,.0f} tok/s", flush=True)
+    results.put("ok", True)
+    return 0
+
+
+def part_cb(args, work: Workload) -> int:
+    from transformers import GenerationConfig
+
+    device = args.device
+    results = Results(args.out, part="cb", requests=args.cb_requests, workload=asdict(work))
+    model = _hf_model(_paths(args.dir)[0], device)
+    config = GenerationConfig(max_new_tokens=work.new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    prompts = _prompts(work, args.cb_requests, seed=2)
+    _sync(device)
+    start = time.perf_counter()
+    outs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    outs = list(outs.values())
+    tokens = sum(len(o.generated_tokens) for o in outs)
+    run = {"seconds_whole_call": round(seconds, 3), "tokens": tokens, "finished": len(outs),
+           "errors": sum(o.error is not None for o in outs), "tok_s_whole_call": tokens / seconds}
+    try:  # its own timestamps: from the first request's creation (after its warm-up) to the last finish
+        window = max(o.lifespan[1] for o in outs) - min(o.created_time for o in outs)
+        if window > 0:
+            run.update(seconds=round(window, 3), tok_s=tokens / window)
+    except Exception as exc:  # noqa: BLE001 - output objects without timestamps: rate of the whole call
+        run["timestamp_error"] = _reason(exc)
+    run.setdefault("tok_s", tokens / seconds)
+    results.put("run", run)
+    print(f"  generate_batch: {run}", flush=True)
+    if len(outs) != args.cb_requests or run["errors"]:
+        print(f"FAIL generate_batch: {len(outs)} of {args.cb_requests} requests returned, {run['errors']} errors")
+    results.put("ok", True)
+    return 0
+
+
+# ---- summary ------------------------------------------------------------------------------------------------------
+def _load(results_dir: Path, name: str) -> dict:
+    path = results_dir / f"{name}.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def _parity_rows(results_dir: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    kernels = _load(results_dir, "kernels").get("sections", {})
+    if "error" in kernels:
+        rows.append(("kernel parity", str(kernels.pop("error"))[:40], "FAIL"))
+    by_backend: dict[str, list[str]] = {}
+    for key, verdict in kernels.items():
+        by_backend.setdefault(key.split(" | ")[0], []).append(str(verdict))
+    for backend, verdicts in by_backend.items():
+        ok = sum(v.startswith("ok") for v in verdicts)
+        na = sum(v.startswith("n/a") for v in verdicts)
+        if na == len(verdicts):
+            rows.append((f"kernel parity: {backend}", "n/a (not supported here)", ""))
+        else:
+            rows.append((f"kernel parity: {backend}", f"{ok}/{len(verdicts) - na} ok",
+                         "PASS" if ok == len(verdicts) - na else "FAIL"))
+    if not by_backend and not rows:
+        rows.append(("kernel parity", "no result", "FAIL"))
+    engine = _load(results_dir, "engine").get("sections", {})
+    for name, value in engine.items():
+        if isinstance(value, dict):
+            text = f"{value['exact']}/{value['total']} token-exact"
+            note = "PASS" if value["exact"] == value["total"] and not value.get("warning") else "FAIL"
+            if "graph_steps" in value:
+                note += f" ({value['graph_steps']} graph / {value['eager_steps']} eager steps)"
+            rows.append((f"engine parity: {name}", text, note))
+        else:
+            rows.append((f"engine parity: {name}", str(value)[:40], "FAIL"))
+    if not engine:
+        rows.append(("engine parity", "no result", "FAIL"))
+    log = results_dir / "gputests.log"
+    if log.is_file():
+        lines = [line for line in log.read_text(errors="replace").splitlines()
+                 if any(word in line for word in (" passed", " failed", " error", "no tests ran"))]
+        last = lines[-1].strip(" =") if lines else "no pytest summary line"
+        ok = " passed" in last and " failed" not in last and " error" not in last
+        rows.append(("pytest -m gpu", last[:40], "PASS" if ok else "FAIL"))
+    return rows
+
+
+def _throughput_rows(results_dir: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    ours = _load(results_dir, "ours")
+    work = Workload(**ours["workload"]) if "workload" in ours else FULL
+    run = ours.get("run", {})
+    ours_tok_s = run.get("tok_s")
+    if ours_tok_s:
+        graphs = (f"{run['graph_steps']} graph / {run['eager_steps']} eager steps" if "graph_steps" in run
+                  else "no CUDA graphs")
+        rows.append((f"ours: {work.requests} req over {work.num_prefixes} prefixes, B<={ours.get('max_num_seqs')}",
+                     f"{ours_tok_s:,.0f} tok/s", graphs))
+    else:
+        rows.append(("ours", "no result", "FAIL"))
+    peft, cb = _load(results_dir, "peft"), _load(results_dir, "cb")
+    for label, base, target in ((f"PEFT generate, 1 prefix, batch {peft.get('batch', 256)}", peft.get("run", {}), 10),
+                                (f"transformers generate_batch, {cb.get('requests', 512)} req, no prefix",
+                                 cb.get("run", {}), 5)):
+        if not base.get("tok_s"):
+            rows.append((label, "no result", "FAIL"))
+            continue
+        note = ""
+        if ours_tok_s:
+            ratio = ours_tok_s / base["tok_s"]
+            note = f"ours {ratio:.1f}x (target >= {target}x) {_verdict(ratio >= target)}"
+        rows.append((label, f"{base['tok_s']:,.0f} tok/s", note))
+    info, bandwidth = ours.get("engine", {}), ours.get("copy_bandwidth")
+    if not (bandwidth and info.get("weight_bytes")):
+        rows.append(("roofline", "no result", "FAIL"))
+        return rows
+    batch = min(ours.get("max_num_seqs") or 256, work.requests)
+    context = work.avg_decode_context
+    roof = roofline_tok_s(bandwidth, info["weight_bytes"], info["kv_bytes_per_token"], batch, context)
+    kv_gb = batch * context * info["kv_bytes_per_token"] / 1e9
+    rows.append(("copy bandwidth (D2D, read + write)", f"{bandwidth / 1e12:.2f} TB/s", ""))
+    rows.append((f"decode roofline, B={batch}, context {context:.0f}", f"{roof:,.0f} tok/s",
+                 f"weights {info['weight_bytes'] / 1e9:.2f} GB + KV {kv_gb:.2f} GB per step"))
+    if ours_tok_s:
+        share = ours_tok_s / roof
+        rows.append(("ours / roofline", f"{share:.1%}", f"target >= 40% {_verdict(share >= 0.4)}"))
+    timing = ours.get(f"step_b{batch}")
+    if isinstance(timing, dict):
+        if timing.get("graph_replay_ms"):
+            rate = batch / (timing["graph_replay_ms"] / 1e3)
+            rows.append((f"one decode step B={batch}: graph replay (device)", f"{timing['graph_replay_ms']:.3f} ms",
+                         f"{rate:,.0f} tok/s = {rate / roof:.0%} of roofline"))
+        rows.append((f"one decode step B={batch}: runner.execute", f"{timing['execute_ms']:.3f} ms",
+                     f"eager forward {timing.get('eager_ms', float('nan')):.3f} ms"))
+    if run.get("ms_per_step"):
+        rows.append(("whole engine step in the timed run", f"{run['ms_per_step']:.3f} ms",
+                     f"{run.get('tokens_per_step')} tok/step; worker {run.get('worker_share', 0):.0%}, "
+                     f"runner {run.get('runner_share', 0):.0%} of wall time"))
+    extra = _load(results_dir, "ours512").get("run", {})
+    if extra.get("tok_s"):
+        rows.append(("ours with max_num_seqs=512", f"{extra['tok_s']:,.0f} tok/s", ""))
+    return rows
+
+
+def part_summary(args) -> int:
+    results_dir = Path(args.results)
+    setup = _load(results_dir, "setup")
+    rows = []
+    for make in (_parity_rows, _throughput_rows):
+        try:
+            rows += make(results_dir)
+        except Exception as exc:  # noqa: BLE001
+            rows.append((make.__name__.strip("_"), f"summary error: {_reason(exc)}", ""))
+    width = max(len(r[0]) for r in rows) + 2
+    print("\n" + "=" * 110)
+    print(f"prefix-serve GPU check: {setup.get('device', '?')} | {setup.get('versions', '?')}")
+    print("=" * 110)
+    for name, value, note in rows:
+        print(f"{name:<{width}}{value:<20}{note}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["setup", "ours", "peft", "cb", "summary"])
+    parser.add_argument("--dir", default="/tmp/prefix_serve_gpu_bench", help="model and prefixes")
+    parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument("--results", default=None, help="summary: the directory of the parts' JSON files")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="a tiny model and workload, to check the script")
+    parser.add_argument("--num-layers", type=int, default=None, help="setup: override the model's 16 layers "
+                        "(22 gives TinyLlama's 1.1 B parameters)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--peft-batch", type=int, default=256)
+    parser.add_argument("--cb-requests", type=int, default=512)
+    args = parser.parse_args()
+    if args.part == "summary":
+        return part_summary(args)
+    _quiet_transformers()
+    work = SMALL if args.small else FULL
+    part = {"setup": part_setup, "ours": part_ours, "peft": part_peft, "cb": part_cb}[args.part]
+    try:
+        return part(args, work)
+    except Exception as exc:  # noqa: BLE001 - the shell script goes on to the next part either way
+        traceback.print_exc()
+        print(f"FAIL {args.part}: {_reason(exc)}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

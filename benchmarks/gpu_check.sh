@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run, inside 8 minutes on one H100/H200, with a summary table printed last.
+#
+#   PYTHONPATH=. bash benchmarks/gpu_check.sh          # from the repository root
+#
+# Parts, each its own process under its own time limit (a part that fails or runs out of time prints FAIL and
+# the run goes on):
+#   1. kernels   attention backends against the torch reference (bf16 tolerances)        ~20 s
+#   2. parity    engine greedy output against the PEFT-forward referee, Llama and Qwen2,
+#                fp32 / TF32 off, eager and with CUDA-graph decode                       ~60 s
+#   -  gputests  the tests marked gpu (CUDA-graph replay = eager; backends on CUDA), if pytest is there  ~20 s
+#   3. setup     random 0.85B-parameter Llama (bf16) and 256 random P=32 prefixes        ~20 s
+#   4. ours      copy bandwidth, then 1,024 requests over 256 prefixes, step timings      ~60 s
+#   5. peft      PEFT generate, one prefix, batch 256                                      ~30 s
+#   6. cb        transformers generate_batch, 512 requests, no prefix                     ~60 s
+#   7. ours512   ours again with max_num_seqs=512, only if time is left
+# Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
+# GPU_BENCH_LAYERS (the benchmark model's layer count, default 16).
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
+export PYTHONPATH="${PYTHONPATH:-.}"
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+OUT=${GPU_CHECK_OUT:-/tmp/prefix_serve_gpu_check}
+WORK=/tmp/prefix_serve_gpu_bench
+if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 8000000 ] 2>/dev/null; then
+  WORK=/dev/shm/prefix_serve_gpu_bench  # 2 GB of weights and 512 MB of prefixes: memory is faster than disk
+fi
+START=$(date +%s)
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.log
+PY=${PYTHON:-python3}
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# run_part NAME CAP_SECONDS COMMAND...: run under min(CAP, time left - 15 s for the summary)
+run_part() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( BUDGET - $(elapsed) - 15 ))
+  local limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 20 ]; then
+    echo "SKIP $name: out of time ($(elapsed) s used of $BUDGET)"
+    return 0
+  fi
+  echo "=== $name (limit ${limit} s, at $(elapsed) s) ==="
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "Warning|warnings.warn|^\s*$|forward_call|warn\(" | cut -c1-400
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "FAIL $name: killed at its time limit of ${limit} s (partial results kept)"
+  elif [ "$rc" -ne 0 ]; then
+    echo "FAIL $name: exit code $rc (log: $OUT/$name.log)"
+  fi
+  echo "=== $name done in $(( $(date +%s) - t0 )) s (total $(elapsed) s) ==="
+}
+
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
+
+run_part kernels 60 "$PY" -m benchmarks.gpu_parity kernels --out "$OUT/kernels.json"
+run_part parity 110 "$PY" -m benchmarks.gpu_parity engine --out "$OUT/engine.json" --budget-s 80
+if "$PY" -c "import pytest" 2>/dev/null; then
+  run_part gputests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_graphs.py \
+    tests/test_attention_backends.py
+else
+  echo "SKIP gputests: pytest is not installed"
+fi
+run_part setup 70 "$PY" -m benchmarks.gpu_bench setup --dir "$WORK" --out "$OUT/setup.json" \
+  ${GPU_BENCH_LAYERS:+--num-layers "$GPU_BENCH_LAYERS"}
+run_part ours 150 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours.json" --max-num-seqs 256
+run_part peft 70 "$PY" -m benchmarks.gpu_bench peft --dir "$WORK" --out "$OUT/peft.json"
+CB_REQUESTS=512
+if [ $(( BUDGET - $(elapsed) )) -lt 150 ]; then CB_REQUESTS=256; fi
+run_part cb 120 "$PY" -m benchmarks.gpu_bench cb --dir "$WORK" --out "$OUT/cb.json" --cb-requests "$CB_REQUESTS"
+if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
+  run_part ours512 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours512.json" --max-num-seqs 512
+fi
+
+echo "total $(elapsed) s; logs and JSON in $OUT"
+if ! timeout 30 "$PY" -m benchmarks.gpu_bench summary --results "$OUT"; then
+  echo "FAIL summary; raw results:"
+  for f in "$OUT"/*.json; do echo "--- $f"; head -c 3000 "$f"; echo; done
+fi

@@ -1,0 +1,216 @@
+"""CUDA-graph decode: bucket choice, padding to the scratch block, eager fallback, and parity of the graph path.
+
+On CPU the graph path runs with `mode="on"`, where a "graph" replays by re-running the captured function over
+the same static buffers (everything but the capture itself), with the Triton kernel under its interpreter in a
+subprocess. `-m gpu` captures real CUDA graphs and compares them with eager steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, bucket_for, field_stride, pack_decode_step
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def test_bucket_is_smallest_captured_size_that_holds_the_batch():
+    assert [bucket_for(n, SIZES) for n in (1, 2, 3, 5, 8, 9, 200, 256, 257, 512)] == \
+        [1, 2, 4, 8, 8, 16, 256, 256, 512, 512]
+
+
+def test_batch_larger_than_every_captured_size_has_no_bucket():
+    assert bucket_for(513, SIZES) is None
+    assert bucket_for(3, (1, 2)) is None
+
+
+def test_fields_start_64_byte_aligned():
+    assert [field_stride(b) for b in (1, 2, 16, 32, 512)] == [16, 16, 16, 32, 512]
+
+
+def test_padding_rows_write_and_read_only_the_scratch_slot():
+    # two real sequences in a bucket of 4; block size 4, scratch block 20, tables padded to width 3
+    flat = pack_decode_step(input_ids=[11, 12], positions=[5, 9], slot_mapping=[21, 38], seq_lens=[6, 10],
+                            block_tables=[[3, 5], [7, 8, 9]], bucket=4, width=3, scratch_block=20, block_size=4)
+    stride = 16
+    fields = [flat[i * stride:(i + 1) * stride] for i in range(4)]
+    assert fields[0][:4] == [11, 12, 0, 0]  # input ids: padding rows feed token 0
+    assert fields[1][:4] == [5, 9, 0, 0]  # positions
+    assert fields[2][:4] == [21, 38, 80, 80]  # slots: padding rows write slot 20 * 4 + 0, the scratch block's first
+    assert fields[3][:4] == [6, 10, 1, 1]  # seq_lens: padding rows see one key, their own
+    assert set(fields[2][2:]) == {80}  # rows past the bucket, up to the aligned stride, also point at scratch
+    tables = flat[4 * stride:]
+    assert tables == [3, 5, 0, 7, 8, 9, 20, 0, 0, 20, 0, 0]  # [4, 3]: padding rows' only block is scratch
+
+
+def test_config_from_env(monkeypatch):
+    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPHS", "off")
+    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPH_SIZES", "8,1,4")
+    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPH_MEMORY_MB", "256")
+    config = CudaGraphConfig.from_env()
+    assert config.mode == "off" and config.batch_sizes == (1, 4, 8) and config.memory_cap_bytes == 256 << 20
+    assert not config.enabled_for(torch.device("cuda"))
+    assert CudaGraphConfig(mode="auto").enabled_for(torch.device("cuda"))
+    assert not CudaGraphConfig(mode="auto").enabled_for(torch.device("cpu"))
+    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        CudaGraphConfig.from_env()
+
+
+class _FakeBackend:
+    """Decode-graph capable backend stub: variant by context length, plans nothing."""
+
+    def decode_variant(self, max_seq_len):
+        return max_seq_len > 512
+
+    def static_decode_plan(self, seq_index, long_context):
+        return None
+
+
+def _graphs(forward, sizes=(1, 2, 4, 8), width=4, **config):
+    return DecodeGraphs(CudaGraphConfig(mode="on", batch_sizes=sizes, **config), forward, _FakeBackend(),
+                        torch.device("cpu"), block_size=4, scratch_block=99, max_blocks_per_seq=width)
+
+
+def test_only_pure_decode_steps_that_fit_get_a_graph():
+    graphs = _graphs(lambda *a: None)
+    assert graphs.key_for([1, 1, 1], [5, 7, 600], [[0, 1], [2, 3], [4]]) == (4, True)
+    assert graphs.key_for([1, 1], [5, 7], [[0, 1], [2, 3]]) == (2, False)
+    assert graphs.key_for([1, 3], [5, 7], [[0, 1], [2, 3]]) is None  # a prefill chunk in the batch
+    assert graphs.key_for([1] * 9, [5] * 9, [[0]] * 9) is None  # more rows than the largest size
+    assert graphs.key_for([1], [5], [[0, 1, 2, 3, 4]]) is None  # a table wider than the static one
+
+
+def test_replay_feeds_padded_static_inputs_and_returns_the_real_rows():
+    seen = []
+
+    def forward(input_ids, positions, meta):
+        seen.append((input_ids.tolist(), positions.tolist(), meta.slot_mapping.tolist(), meta.seq_lens.tolist(),
+                     meta.block_tables[:, :2].tolist(), meta.query_start_loc.tolist()))
+        return torch.arange(input_ids.numel(), dtype=torch.float32)[:, None].repeat(1, 3)
+
+    graphs = _graphs(forward)
+    key = graphs.key_for([1, 1, 1], [6, 10, 3], [[3, 5], [7, 8, 9], [4]])
+    logits = graphs.run(key, [11, 12, 13], [5, 9, 2], [21, 38, 18], [6, 10, 3], [[3, 5], [7, 8, 9], [4]])
+    assert logits.tolist() == [[0.0] * 3, [1.0] * 3, [2.0] * 3]
+    ids, pos, slots, lens, tables, starts = seen[-1]
+    assert ids == [11, 12, 13, 0] and pos == [5, 9, 2, 0]
+    assert slots == [21, 38, 18, 396] and lens == [6, 10, 3, 1]  # 396 = scratch block 99 * block size 4
+    assert tables == [[3, 5], [7, 8], [4, 0], [99, 0]]
+    assert starts == [0, 1, 2, 3, 4]
+    assert graphs.stats.graph_steps == 1 and graphs.stats.captured == [(4, False)]
+
+
+def test_capture_failure_runs_that_size_eagerly_forever_and_is_logged_once(caplog):
+    calls = []
+
+    def forward(input_ids, positions, meta):
+        calls.append(input_ids.numel())
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = _graphs(forward)
+    with caplog.at_level("WARNING", logger="prefix_serve.cuda_graphs"):
+        for _ in range(3):
+            key = graphs.key_for([1, 1], [5, 7], [[0], [1]])
+            assert key is None or graphs.run(key, [1, 2], [4, 6], [0, 4], [5, 7], [[0], [1]]) is None
+    assert calls == [2]  # one capture attempt, then eager without trying again
+    assert list(graphs.stats.failed) == [(2, False)]
+    assert len([r for r in caplog.records if "decode batch 2" in r.message]) == 1
+
+
+def test_memory_cap_stops_new_captures():
+    graphs = _graphs(lambda ids, pos, meta: torch.zeros(ids.numel(), 2), memory_cap_bytes=0)
+    key = graphs.key_for([1], [5], [[0]])
+    assert graphs.run(key, [1], [4], [0], [5], [[0]]) is None
+    assert "memory cap" in graphs.stats.failed[(1, False)]
+
+
+def test_worker_keeps_a_scratch_block_outside_the_engines_blocks(tiny_zoo):
+    from engine import LLM
+
+    llm = LLM(model=str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=20)
+    worker = llm.engine.executor.worker
+    assert llm.engine.block_manager.num_blocks == 20 == worker.kv_cache.num_blocks
+    assert worker.kv_cache.data.shape[2] == 21
+    assert worker.runner.graphs is None  # CPU, mode auto: eager
+
+
+_EMULATED_GRAPH_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+import torch
+from engine import LLM, SamplingParams
+from tiny_models import peft_forward_greedy
+zoo = json.loads(sys.argv[2])
+prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [30, 31],
+           [40, 41, 42, 43, 44, 45, 46, 47, 48], [50, 51, 52]]
+prefixes = ["p5", "p8proj", None, "p16", "p5"]
+max_tokens = [3, 5, 7, 9, 12]  # the batch shrinks 5 -> 1, so buckets 8, 4, 2 and 1 all run
+expected = [peft_forward_greedy(zoo["model"], zoo["adapters"][p] if p else None, pr, m)
+            for pr, p, m in zip(prompts, prefixes, max_tokens)]
+llm = LLM(model=zoo["model"], skip_tokenizer_init=True, block_size=4, attention_backend="triton")
+for name, path in zoo["adapters"].items():
+    llm.load_prefix(name, path)
+worker = llm.engine.executor.worker
+cache = worker.kv_cache.data
+scratch = worker.kv_cache.num_blocks
+params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, prefix=prefixes, use_tqdm=False)
+stats = worker.runner.graph_stats
+print(json.dumps({"got": [o.outputs[0].token_ids for o in outs], "expected": expected,
+                  "captured": [list(k) for k in stats.captured], "graph_steps": stats.graph_steps,
+                  "eager_steps": stats.eager_steps, "failed": len(stats.failed),
+                  "scratch_written": bool(cache[:, :, scratch].abs().sum() > 0)}))
+"""
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_graph_decode_path_matches_peft_forward_with_mixed_prefixes(tiny_zoo, arch):
+    entry = tiny_zoo(arch)
+    zoo = {"model": str(entry["model"]), "adapters": {k: str(v) for k, v in entry["adapters"].items()}}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PREFIX_SERVE_CUDA_GRAPHS": "on"}
+    proc = subprocess.run([sys.executable, "-c", _EMULATED_GRAPH_CHILD, str(REPO_ROOT), json.dumps(zoo)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["got"] == result["expected"]
+    assert [k[0] for k in result["captured"]] == [8, 4, 2, 1]
+    assert result["graph_steps"] >= 10 and result["failed"] == 0
+    assert result["scratch_written"]  # padding rows went to the scratch block
+
+
+@pytest.mark.gpu
+def test_captured_cuda_graph_decode_equals_eager_decode(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tiny_models import make_tiny_model
+
+    from engine.model_loader import ModelSpec
+    from workers.kv_cache import KVCache
+    from workers.model_runner import ModelRunner, StepInputs, load_model
+
+    model_dir = make_tiny_model("llama", tmp_path / "llama")
+    model = load_model(str(model_dir), torch.float32, "cuda")
+    spec = ModelSpec.from_config(model.config)
+    kv = KVCache(spec, 65, 4, torch.float32, "cuda")
+    kv.data.normal_()
+    runner = ModelRunner(model, spec, kv, "triton", scratch_block=64,
+                         cuda_graphs=CudaGraphConfig(mode="on", batch_sizes=(1, 4, 8)))
+    assert runner.graph_stats.failed == {}
+    seq_lens = [9, 30, 17]
+    tables = [[0, 1, 2], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    slots = [tables[s][(n - 1) // 4] * 4 + (n - 1) % 4 for s, n in enumerate(seq_lens)]
+    step = StepInputs([5, 6, 7], [n - 1 for n in seq_lens], slots, [1, 1, 1], seq_lens, tables, [0, 1, 2])
+    graph_logits = runner.execute(step)
+    assert runner.graph_stats.graph_steps == 1
+    with torch.inference_mode():
+        eager_logits = runner._execute_eager(step)
+    torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
