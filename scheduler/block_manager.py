@@ -176,6 +176,12 @@ class BlockManager:
             need += 1  # a new sequence will copy the prefix's partly filled tail block
         return need
 
+    def has_room_in_place(self, seq_id: int, num_computed: int) -> bool:
+        """Whether the next token's slot is in a block this sequence alone holds (the common decode case)."""
+        table = self.tables[seq_id]
+        index = num_computed // self.block_size
+        return index < len(table) and self.blocks[table[index]].ref_count == 1
+
     def append_slots(self, seq_id: int, num_computed: int, num_new: int) -> AppendResult:
         """Make room for tokens num_computed .. num_computed+num_new-1 of a sequence."""
         table = self.tables[seq_id]

@@ -93,6 +93,12 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_uncomputed, budget)
+            if num_new == 1 and bm.has_room_in_place(seq.seq_id, seq.num_computed_tokens):
+                # a decode token that fits its own last block: nothing to allocate, copy or check
+                out.scheduled.append(ScheduledSeq(seq, 1, False, len(bm.tables[seq.seq_id])))
+                budget -= 1
+                index += 1
+                continue
             while bm.blocks_needed(seq.seq_id, seq.num_computed_tokens, num_new) > bm.num_available_blocks():
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -26,11 +26,16 @@ def _row_seed(seed: int, sample_index: int, step: int) -> int:
     return (seed * 1_000_003 + sample_index * 10_007 + step) % (2**63 - 1)
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[list[int]]:
-    """logits [R, vocab] (fp32) -> for each row, `count` token ids."""
-    greedy = logits.argmax(dim=-1).tolist()
+def sample(logits: torch.Tensor, rows: list[SampleRow | None]) -> list[list[int]]:
+    """logits [R, vocab] (fp32) -> for each row, `count` token ids. A None row is plain greedy, one token."""
+    greedy = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
+    if all(row is None for row in rows):
+        return [[token] for token in greedy]
     results: list[list[int]] = []
     for r, row in enumerate(rows):
+        if row is None:
+            results.append([greedy[r]])
+            continue
         if row.temperature == 0:
             results.append([greedy[r]] * row.count)
             continue

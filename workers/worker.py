@@ -114,37 +114,51 @@ class Worker:
     def _run(self, scheduled: list[tuple[int, SeqState, int]]) -> list:
         block_size = self.config.block_size
         step = StepInputs([], [], [], [], [], [], [])
-        sample_rows: list[tuple[int, SeqState, SampleRow]] = []
+        ids, positions, slots = step.input_ids, step.positions, step.slot_mapping
+        to_sample: list[tuple[int, SeqState]] = []
+        rows: list[SampleRow | None] = []
         for seq_id, state, num_new in scheduled:
             start = state.computed  # KV-stream index of the first new token; also its position id
-            first_token = start - state.prefix_len
-            step.input_ids.extend(state.tokens[first_token:first_token + num_new])
-            step.positions.extend(range(start, start + num_new))
-            step.slot_mapping.extend(state.table[i // block_size] * block_size + i % block_size
-                                     for i in range(start, start + num_new))
+            end = start + num_new
+            table = state.table
+            if num_new == 1:  # decode: the common case, kept free of ranges and generators
+                ids.append(state.tokens[start - state.prefix_len])
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                first = start - state.prefix_len
+                ids.extend(state.tokens[first:first + num_new])
+                positions.extend(range(start, end))
+                slots.extend(table[i // block_size] * block_size + i % block_size for i in range(start, end))
             step.query_lens.append(num_new)
-            step.seq_lens.append(start + num_new)
-            step.block_tables.append(state.table)
-            state.computed += num_new
-            if state.computed == state.prefix_len + len(state.tokens):
-                step.sample_rows.append(len(step.input_ids) - 1)
-                s = state.sampling
-                count = 1 + len(state.fork_ids)
-                sample_rows.append((seq_id, state, SampleRow(s["temperature"], s["top_p"], s["top_k"], s["seed"],
-                                                             state.index, len(state.tokens) - state.prompt_len,
-                                                             count)))
+            step.seq_lens.append(end)
+            step.block_tables.append(table)
+            state.computed = end
+            if end == state.prefix_len + len(state.tokens):
+                step.sample_rows.append(len(ids) - 1)
+                to_sample.append((seq_id, state))
+                rows.append(_sample_row(state))
         logits = self.runner.execute(step)
-        if not sample_rows:
+        if not to_sample:
             return []
-        tokens = sample(logits, [row for _, _, row in sample_rows])
         results = []
-        for (seq_id, state, _), toks in zip(sample_rows, tokens):
-            for offset, (child_id, token) in enumerate(zip(state.fork_ids, toks[1:]), start=1):
-                # a child of an n > 1 request: the same prompt and blocks, its own first token
-                self.seqs[child_id] = SeqState(state.tokens + [token], state.prompt_len, state.prefix_len,
-                                               state.computed, list(state.table), state.sampling,
-                                               state.index + offset)
-            state.fork_ids = []
+        for (seq_id, state), toks in zip(to_sample, sample(logits, rows)):
+            if state.fork_ids:
+                for offset, (child_id, token) in enumerate(zip(state.fork_ids, toks[1:]), start=1):
+                    # a child of an n > 1 request: the same prompt and blocks, its own first token
+                    self.seqs[child_id] = SeqState(state.tokens + [token], state.prompt_len, state.prefix_len,
+                                                   state.computed, list(state.table), state.sampling,
+                                                   state.index + offset)
+                state.fork_ids = []
             state.tokens.append(toks[0])
             results.append([seq_id, toks])
         return results
+
+
+def _sample_row(state: SeqState) -> SampleRow | None:
+    """None for a plain greedy row (the sampler's fast path); otherwise the row's sampling settings."""
+    s = state.sampling
+    if s["temperature"] == 0 and not state.fork_ids:
+        return None
+    return SampleRow(s["temperature"], s["top_p"], s["top_k"], s["seed"], state.index,
+                     len(state.tokens) - state.prompt_len, 1 + len(state.fork_ids))
