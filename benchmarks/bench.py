@@ -172,10 +172,12 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
     prefixes = [str(write_random_prefix(tmp / f"mixed{i}", spec, 16, seed=i, model_name=path)) for i in range(16)]
     task = {"model": path, "prefixes": prefixes, "prompts": random_prompts(64, 20, 60, spec.vocab_size),
             "assignment": [i % 16 for i in range(64)], "max_tokens": max_tokens, "threads": args.threads}
-    results = {"ours": run_in_child("benchmarks.bench", {**task, "kind": "mixed_ours"})}
-    if not args.skip_baselines:
-        results["hf_static"] = run_in_child("benchmarks.bench", {**task, "kind": "hf_static"})
-        results["peft_grouped"] = run_in_child("benchmarks.bench", {**task, "kind": "peft_grouped"})
+    kinds = {"ours": "mixed_ours"} if args.skip_baselines else {
+        "ours": "mixed_ours", "hf_static": "hf_static", "peft_grouped": "peft_grouped"}
+    results = {}
+    for key, kind in kinds.items():
+        results[key] = run_in_child("benchmarks.bench", {**task, "kind": kind})
+        print(f"  {key}: {_tok_s(results[key]):.1f} tok/s ({results[key]['seconds']:.1f} s)", flush=True)
     print(f"\nWorkload 1, mixed tasks: 64 requests over 16 prefixes (P=16), {max_tokens} new tokens, fp32")
     print(f"{'setup':<48}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}")
     ours = _tok_s(results["ours"])
