@@ -30,6 +30,8 @@ def add_parser(subparsers) -> None:
                    "32 scaling)")
     p.add_argument("--counts", default="1,16,256,4096", help="registered prefix counts for the scaling workload")
     p.add_argument("--skip-baselines", action="store_true", help="mixed: run ours only")
+    p.add_argument("--peft-groups", type=int, default=None, help="mixed: time only the first N prefix groups of "
+                   "the PEFT baseline (its tok/s is per generated token, so this shortens the run)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--json", default="bench_results.json", help="where to write the results")
     p.set_defaults(func=run)
@@ -106,6 +108,8 @@ def _peft_grouped(task: dict) -> dict:
     groups: dict[int, list[list[int]]] = {}
     for prompt, prefix in zip(task["prompts"], task["assignment"]):
         groups.setdefault(prefix, []).append(prompt)
+    if task.get("peft_groups"):
+        groups = dict(list(groups.items())[:task["peft_groups"]])
     models = {i: PeftModel.from_pretrained(base, task["prefixes"][i]).eval() for i in groups}
     _generate(models[next(iter(groups))], task["prompts"][:2], 2, 0)
     tokens = 0
@@ -171,7 +175,8 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
     max_tokens = args.max_tokens or 64
     prefixes = [str(write_random_prefix(tmp / f"mixed{i}", spec, 16, seed=i, model_name=path)) for i in range(16)]
     task = {"model": path, "prefixes": prefixes, "prompts": random_prompts(64, 20, 60, spec.vocab_size),
-            "assignment": [i % 16 for i in range(64)], "max_tokens": max_tokens, "threads": args.threads}
+            "assignment": [i % 16 for i in range(64)], "max_tokens": max_tokens, "threads": args.threads,
+            "peft_groups": args.peft_groups}
     kinds = {"ours": "mixed_ours"} if args.skip_baselines else {
         "ours": "mixed_ours", "hf_static": "hf_static", "peft_grouped": "peft_grouped"}
     results = {}

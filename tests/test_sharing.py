@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine import LLM, SamplingParams
 
 
-def test_32_running_sequences_of_one_prefix_hold_its_blocks_once(tiny_zoo):
+@pytest.mark.parametrize("count", [32, 64])
+def test_running_sequences_of_one_prefix_hold_its_blocks_once(tiny_zoo, count):
     entry = tiny_zoo("llama")
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=512)
     llm.load_prefix("p16", str(entry["adapters"]["p16"]))  # P = 16: exactly 4 blocks
     engine = llm.engine
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    for i in range(32):
+    for i in range(count):
         engine.add_request(f"r{i}", None, [1 + i % 7, 2, 3, 4, 5, 6], params, "p16")
-    engine.step()  # all 32 admitted and prefilled in one step
+    engine.step()  # all admitted and prefilled in one step
     engine.step()
     bm = engine.block_manager
-    assert len(engine.scheduler.running) == 32
+    assert len(engine.scheduler.running) == count
     prefix_blocks = bm._prefixes[next(iter(bm.resident_prefixes()))].block_ids
     assert len(prefix_blocks) == 4
     distinct = {b for table in bm.tables.values() for b in table}
     own = sum(len(table) - 4 for table in bm.tables.values())
     assert all(table[:4] == prefix_blocks for table in bm.tables.values())
     # 16 prefix + 6 prompt + 2 generated tokens = 24 = 6 blocks per sequence, 4 of them shared
-    assert own == 32 * 2
-    assert bm.num_used_blocks == len(distinct) == 4 + own == 68  # not 32 * 6 = 192
+    assert own == count * 2
+    assert bm.num_used_blocks == len(distinct) == 4 + own  # not count * 6
     engine.check_integrity()
     while engine.has_unfinished_requests():
         engine.step()
