@@ -188,9 +188,11 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule -> execute -> update. Returns outputs of requests that changed."""
         scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled:
+        if not scheduled.scheduled and not scheduled.dropped_seq_ids:
             return []
         result = messages.unpack(self.executor.execute(self._step_message(scheduled)))
+        if not scheduled.scheduled:  # only sequences to forget (e.g. aborted while nothing else runs)
+            return []
         return self._update(scheduled, result)
 
     def _step_message(self, out: SchedulerOutput) -> bytes:

@@ -155,6 +155,17 @@ def test_unloading_a_prefix_in_use_lets_running_requests_finish_and_frees_its_bl
     assert engine.block_manager.prefix_blocks() == 0 and engine.block_manager.num_free_blocks == 64
 
 
+def test_an_aborted_request_is_forgotten_by_the_worker_even_when_nothing_else_runs(llama_llm):
+    engine = llama_llm.engine
+    engine.add_request("gone", None, [1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0), "p5")
+    engine.step()
+    assert len(engine.executor.worker.seqs) == 1
+    engine.abort_request("gone")
+    assert engine.step() == []
+    assert engine.executor.worker.seqs == {}
+    engine.check_integrity()
+
+
 def test_prefix_config_is_checked_at_registration(tmp_path, tiny_zoo, llama_llm):
     dst = tmp_path / "noconfig"
     dst.mkdir()
