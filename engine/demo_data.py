@@ -248,16 +248,24 @@ def write_datasets(names: list[str]) -> None:
         print(f"{name}: {len(train)} train, {len(test)} test examples in {task.directory}")
 
 
+def _path(path: Path) -> str:
+    """Relative to the working directory when inside it, so commands and training logs read the same anywhere."""
+    return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+
+
+def _data_args(task: DemoTask) -> list[str]:
+    return ["--data", _path(task.directory / "train.jsonl"), "--eval-data", _path(task.directory / "test.jsonl")]
+
+
 def train_command(task: DemoTask) -> list[str]:
     """The `prefix-serve train` arguments that make this demo prefix."""
-    return ["train", "--data", str(task.directory / "train.jsonl"), "--eval-data", str(task.directory / "test.jsonl"),
-            "--out", str(task.directory), "--init-text", task.init_text, *task.prefix_args, *task.budget]
+    return ["train", *_data_args(task), "--out", _path(task.directory), "--init-text", task.init_text,
+            *task.prefix_args, *task.budget]
 
 
 def full_finetune_command(task: DemoTask, out: str) -> list[str]:
     """The baseline: every weight trained on the same batches, for the same steps."""
-    return ["train", "--data", str(task.directory / "train.jsonl"), "--eval-data", str(task.directory / "test.jsonl"),
-            "--out", out, "--full-finetune", *task.budget]
+    return ["train", *_data_args(task), "--out", out, "--full-finetune", *task.budget]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_finetune_out:
         commands += [full_finetune_command(TASKS[name], str(Path(args.full_finetune_out) / name)) for name in names]
     for command in commands:
-        shown = [os.path.relpath(a) if a.startswith(str(DEMO_DIR)) else a for a in command]
-        print("prefix-serve " + " ".join(shlex.quote(a) for a in shown), flush=True)
+        print("prefix-serve " + " ".join(shlex.quote(a) for a in command), flush=True)
         if _train_main(command) != 0:
             return 1
     return 0
