@@ -248,18 +248,19 @@ def write_datasets(names: list[str]) -> None:
         print(f"{name}: {len(train)} train, {len(test)} test examples in {task.directory}")
 
 
-def _path(path: Path) -> str:
+def display_path(path: Path) -> str:
     """Relative to the working directory when inside it, so commands and training logs read the same anywhere."""
     return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
 
 
 def _data_args(task: DemoTask) -> list[str]:
-    return ["--data", _path(task.directory / "train.jsonl"), "--eval-data", _path(task.directory / "test.jsonl")]
+    return ["--data", display_path(task.directory / "train.jsonl"),
+            "--eval-data", display_path(task.directory / "test.jsonl")]
 
 
 def train_command(task: DemoTask) -> list[str]:
     """The `prefix-serve train` arguments that make this demo prefix."""
-    return ["train", *_data_args(task), "--out", _path(task.directory), "--init-text", task.init_text,
+    return ["train", *_data_args(task), "--out", display_path(task.directory), "--init-text", task.init_text,
             *task.prefix_args, *task.budget]
 
 

@@ -5,8 +5,9 @@ Compared on the same examples:
 - the base model with the trained prefix and the bare input, served by prefix-serve's `LLM`;
 - optionally a fully fine-tuned copy of the model (`prefix-serve train --full-finetune`), given the bare input.
 
-Metrics: ROUGE-L F1 (rouge-score), exact match, and for JSON tasks the format rate (a JSON object with exactly the
-expected keys). `--demo` evaluates the shipped demo prefixes and prints the table that docs/training.md holds.
+Metrics: ROUGE-L F1 (rouge-score), exact match, and for JSON tasks the format rate (the reply holds a JSON object
+with exactly the expected keys). `--demo` evaluates the shipped demo prefixes and prints the table in
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -77,15 +78,17 @@ def load_eval_items(path: str, tokenizer, instruction: str = "", limit: int | No
 # --- metrics ------------------------------------------------------------------------------------------------------
 
 def parse_json_object(text: str) -> dict | None:
-    """The JSON object a reply consists of (allowing a ``` fence around it), or None."""
-    body = text.strip()
-    if body.startswith("```"):
-        body = body.strip("`").removeprefix("json").strip()
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    """The first JSON object in a reply, or None. Text around it (a "JSON:" label, a ``` fence) is tolerated."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, start)
+            if isinstance(value, dict):
+                return value
+        except ValueError:
+            pass
+        start = text.find("{", start + 1)
+    return None
 
 
 def score(outputs: list[str], references: list[str], json_keys: tuple[str, ...] = ()) -> dict[str, float]:
@@ -96,7 +99,7 @@ def score(outputs: list[str], references: list[str], json_keys: tuple[str, ...] 
     rouge = [scorer.score(ref, out)["rougeL"].fmeasure for out, ref in zip(outputs, references)]
     if json_keys:
         parsed = [parse_json_object(out) for out in outputs]
-        formatted = [p is not None and list(p) == list(json_keys) for p in parsed]
+        formatted = [p is not None and set(p) == set(json_keys) for p in parsed]
         exact = [p is not None and p == json.loads(ref) for p, ref in zip(parsed, references)]
     else:
         exact = [" ".join(out.split()) == " ".join(ref.split()) for out, ref in zip(outputs, references)]
@@ -221,12 +224,12 @@ def _cell(text: str) -> str:
 
 def evaluate_demo(tasks: list[str], full_models: dict[str, str], limit: int | None, max_tokens: int,
                   device: str) -> list[SystemScore]:
-    from engine.demo_data import TASKS
+    from engine.demo_data import TASKS, display_path
 
     results = []
     for name in tasks:
         task = TASKS[name]
-        results += evaluate_task(name, str(task.directory / "test.jsonl"), str(task.directory),
+        results += evaluate_task(name, display_path(task.directory / "test.jsonl"), display_path(task.directory),
                                  instruction=task.instruction, full_model=full_models.get(name),
                                  json_keys=task.json_keys, limit=limit, max_tokens=max_tokens, device=device)
     return results

@@ -301,8 +301,7 @@ def _check_options(options: TrainOptions) -> None:
 def train(options: TrainOptions) -> TrainResult:
     """Train per `options`, save the adapter (or, with full_finetune, the model) to `options.out`."""
     import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.model_loader import ModelSpec, resolve_model_path
 
@@ -332,10 +331,26 @@ def train(options: TrainOptions) -> TrainResult:
         result_losses["eval_loss_before"] = eval_loss(model, eval_set, options.batch_size, pad_id)
 
     steps = total_steps(options, len(train_set))
+    final_loss, seen, seconds = _optimize(model, train_set, options, steps, pad_id)
+    model.eval()
+    if eval_set:
+        result_losses["eval_loss_after"] = eval_loss(model, eval_set, options.batch_size, pad_id)
+    result = TrainResult(steps, seen, trainable, everything, final_loss, seconds, **result_losses)
+    _save(model, tokenizer, options, result)
+    _report(options, result)
+    return result
+
+
+def _optimize(model, examples: list[Example], options: TrainOptions, steps: int, pad_id: int):
+    """AdamW with 5% warmup and linear decay over `steps` batches; returns (smoothed loss, examples seen, seconds)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                   weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    stream = batches(train_set, options.batch_size, options.seed)
+    stream = batches(examples, options.batch_size, options.seed)
     smoothed, seen, started = None, 0, time.perf_counter()
     with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
         for _ in range(steps):
@@ -351,13 +366,7 @@ def train(options: TrainOptions) -> TrainResult:
             bar.set_postfix(loss=f"{smoothed:.4f}")
             bar.update(1)
     seconds = time.perf_counter() - started
-    model.eval()
-    if eval_set:
-        result_losses["eval_loss_after"] = eval_loss(model, eval_set, options.batch_size, pad_id)
-    result = TrainResult(steps, seen, trainable, everything, smoothed, seconds, **result_losses)
-    _save(model, tokenizer, options, result)
-    _report(options, result)
-    return result
+    return smoothed, seen, seconds
 
 
 def _save(model, tokenizer, options: TrainOptions, result: TrainResult) -> None:

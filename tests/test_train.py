@@ -261,11 +261,11 @@ def test_score_counts_json_format_and_exact_match():
     from engine.evaluate import score
 
     reference = '{"name": "Ann Lee", "age": 30}'
-    outputs = ['{"name": "Ann Lee", "age": 30}', '```json\n{"name": "Ann Lee", "age": 31}\n```',
-               '{"age": 30, "name": "Ann Lee"}', "Ann Lee is 30."]
-    metrics = score(outputs, [reference] * 4, json_keys=("name", "age"))
-    assert metrics["format_rate"] == 50.0  # keys in the wrong order do not count
-    assert metrics["exact_match"] == 50.0  # same object, any key order
+    outputs = ['{"name": "Ann Lee", "age": 30}', 'JSON: ```json\n{"name": "Ann Lee", "age": 31}\n```',
+               '{"age": 30, "name": "Ann Lee"}', '{"name": "Ann Lee", "age": 30, "city": "Rome"}', "Ann Lee is 30."]
+    metrics = score(outputs, [reference] * 5, json_keys=("name", "age"))
+    assert metrics["format_rate"] == 60.0  # the first three: text around the object and key order do not matter
+    assert metrics["exact_match"] == 40.0
     assert 0 < metrics["rougeL"] < 100
 
 
@@ -351,3 +351,23 @@ def test_each_demo_prefix_beats_the_base_model_on_its_metric():
         prefix = next(v for k, v in score.items() if k.startswith("prefix"))
         assert prefix > score["base model, instruction prompt"], (task.name, score)
         assert prefix > score["base model, bare input"], (task.name, score)
+
+
+@pytest.mark.slow
+def test_demo_prefixes_served_by_the_engine_match_the_peft_forward_referee():
+    from tiny_models import peft_forward_greedy
+
+    from engine import LLM, SamplingParams
+    from engine.demo_data import TASKS
+    from engine.evaluate import load_eval_items
+    from engine.model_loader import resolve_model_path
+
+    llm = LLM(model=None, device="cpu", dtype="float32")
+    model_dir = Path(resolve_model_path(None))
+    for task in TASKS.values():
+        llm.load_prefix(task.name, str(task.directory))
+        for item in load_eval_items(str(task.directory / "test.jsonl"), llm.tokenizer, limit=2):
+            out = llm.generate([{"prompt_token_ids": item.prompt_ids}], SamplingParams(max_tokens=40, temperature=0.0),
+                               prefix=task.name, use_tqdm=False)[0].outputs[0]
+            eos = llm.tokenizer.eos_token_id
+            assert out.token_ids == peft_forward_greedy(model_dir, task.directory, item.prompt_ids, 40, eos=eos)
