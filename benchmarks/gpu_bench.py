@@ -36,6 +36,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.gpu_parity import _reason
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -58,11 +60,6 @@ FULL = Workload()
 SMALL = Workload(num_prefixes=8, prompt=16, new=8, requests=24, model=dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False))
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
 class Results:

@@ -35,7 +35,6 @@ class PrefixEntry:
     block_ids: list[int]
     num_tokens: int
     num_users: int = 0
-    loaded: bool = False  # the worker has been told to write its KV
 
 
 @dataclass

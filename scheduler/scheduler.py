@@ -40,10 +40,6 @@ class SchedulerOutput:
     dropped_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted since last step
     num_preempted: int = 0
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
