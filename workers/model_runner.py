@@ -13,6 +13,7 @@ where possible (`workers.cuda_graphs`); everything else, and every step on CPU, 
 from __future__ import annotations
 
 import itertools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,36 @@ def load_model(model_path: str, dtype: torch.dtype, device: str):
         from engine.errors import UnsupportedModelError
 
         raise UnsupportedModelError("GPT-2 models with scale_attn_by_inverse_layer_idx are not supported.")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.forward = types.MethodType(_weight_major_linear, module)
+    return model
+
+
+# CPU linear layers over few rows (decode steps) run as weight @ x^T: for these skinny inputs MKL is faster that
+# way round than x @ weight^T (docs/performance.md). Long prefill batches keep the usual orientation. Wide layers
+# (the LM head) go in slices of output features, each transposed into a contiguous result while it is still in
+# cache: the sampler reads logits row by row, and transposing 49k x 64 logits afterwards costs more than it saves.
+WEIGHT_MAJOR_MAX_ROWS = 256
+WEIGHT_MAJOR_SLICE = 2048
+
+
+def _weight_major_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows, features = x.numel() // x.shape[-1], self.weight.shape[0]
+    if rows > WEIGHT_MAJOR_MAX_ROWS:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    x_t = x.reshape(rows, x.shape[-1]).t()
+    if features <= WEIGHT_MAJOR_SLICE:
+        out = (self.weight @ x_t).t()  # [rows, features], a transposed view
+    else:
+        out = x.new_empty(rows, features)
+        for start in range(0, features, WEIGHT_MAJOR_SLICE):
+            out[:, start:start + WEIGHT_MAJOR_SLICE] = (self.weight[start:start + WEIGHT_MAJOR_SLICE] @ x_t).t()
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], features)
 
 
 def pack_fields(fields: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -145,7 +175,7 @@ class ModelRunner:
                               **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden).float().contiguous()  # CPU linears may return a transposed view
 
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""Where a workload-1 run spends its time: per-step wall time split into prefill and decode, the model forward's
+share of it, and torch.profiler's top operators for one decode step.
+
+    python -m benchmarks.profile_cpu [--threads N] [--ops 15]
+
+Same requests as `prefix-serve bench --workload mixed` (64 requests over 16 random prefixes, P=16, 64 new tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import random_prompts, write_random_prefix
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ops", type=int, default=15, help="operators to list from the decode-step profile")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--shapes", action="store_true", help="group the operator table by input shapes")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM()
+    spec = llm.engine.spec
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(16):
+            llm.load_prefix(f"task{i}", str(write_random_prefix(Path(tmp) / f"p{i}", spec, 16, seed=i)))
+        prompts = [{"prompt_token_ids": p} for p in random_prompts(64, 20, 60, spec.vocab_size)]
+        names = [f"task{i % 16}" for i in range(64)]
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=2), prefix=names[:2], use_tqdm=False)
+
+        runner = llm.engine.executor.worker.runner
+        execute = runner.execute
+        records: list[tuple[int, int, float]] = []  # (tokens, sequences, forward seconds)
+
+        def timed(step):
+            start = time.perf_counter()
+            out = execute(step)
+            records.append((len(step.input_ids), len(step.query_lens), time.perf_counter() - start))
+            return out
+
+        runner.execute = timed
+        step_times: list[float] = []
+        engine_step = llm.engine.step
+
+        def timed_step():
+            start = time.perf_counter()
+            out = engine_step()
+            step_times.append(time.perf_counter() - start)
+            return out
+
+        llm.engine.step = timed_step
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, prefix=names, use_tqdm=False)
+        total = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        runner.execute = execute
+        llm.engine.step = engine_step
+
+        decode = [r for r in records if r[0] == r[1]]
+        prefill = [r for r in records if r[0] != r[1]]
+        fwd = sum(r[2] for r in records)
+        print(f"{tokens} tokens in {total:.2f} s = {tokens / total:.1f} tok/s, {len(step_times)} steps, "
+              f"torch threads {torch.get_num_threads()}")
+        print(f"  engine steps {sum(step_times):.2f} s, model forward {fwd:.2f} s "
+              f"({100 * fwd / sum(step_times):.0f}%); outside steps {total - sum(step_times):.2f} s")
+        print(f"  prefill/mixed steps: {len(prefill)}, {sum(r[2] for r in prefill):.2f} s, "
+              f"{sum(r[0] for r in prefill)} tokens")
+        if decode:
+            print(f"  decode steps: {len(decode)}, {sum(r[2] for r in decode):.2f} s, "
+                  f"{1000 * sum(r[2] for r in decode) / len(decode):.1f} ms/step at batch "
+                  f"{max(r[1] for r in decode)}")
+
+        # three decode steps of all 64 sequences under the profiler
+        runner.execute = timed
+        for i, p in enumerate(prompts):
+            llm.engine.add_request(f"prof{i}", None, p["prompt_token_ids"], params, names[i])
+        llm.engine.step()
+        while records[-1][0] != records[-1][1]:  # until prefill is done
+            llm.engine.step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+            for _ in range(3):
+                llm.engine.step()
+        runner.execute = execute
+        print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.ops))
+
+
+if __name__ == "__main__":
+    main()
