@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
+from workers.kv_cache import KVCache
 
 
 @pytest.mark.parametrize("count", [32, 64])
@@ -43,3 +47,20 @@ def test_prefix_is_materialized_once_and_hits_afterwards(tiny_zoo):
     llm.generate([{"prompt_token_ids": [9, 9]}], params, prefix="p5", use_tqdm=False)
     stats = llm.engine.stats
     assert (stats.prefix_loads, stats.prefix_misses, stats.prefix_hits) == (1, 1, 6)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_cpu_kv_cache_takes_memory_only_for_blocks_written():
+    spec = type("Spec", (), {"num_layers": 4, "num_kv_heads": 2, "head_dim": 64})
+    before = _rss_bytes()
+    cache = KVCache(spec, 4096, 16, torch.float32, "cpu")  # 4096 blocks x 32 KiB = 128 MiB
+    assert cache.data.shape == (4, 2, 4096, 16, 2, 64)
+    assert _rss_bytes() - before < 16 << 20
+    cache.write_prefix(torch.ones(4, 2, 32, 2, 64), [7, 3])
+    assert cache.data[:, :, [7, 3]].eq(1).all() and cache.data[:, :, 0].eq(0).all()
+    assert _rss_bytes() - before < 16 << 20  # two blocks written, not the whole cache

@@ -6,6 +6,8 @@ cache is data[l, 0] and its value cache data[l, 1], each in the attention-backen
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import OrderedDict
 
 import torch
@@ -61,8 +63,15 @@ class KVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: str):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.data = torch.zeros(spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
-                                dtype=dtype, device=device)
+        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        if torch.device(device).type == "cpu":
+            # An anonymous mapping reads as zeros and takes memory only as pages are first written, so RSS
+            # follows the blocks in use, not the configured cache size. (Zeros matter: a backend may read a
+            # masked-out slot, and a NaN there would survive being multiplied by a zero weight.)
+            self._buffer = mmap.mmap(-1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            self.data = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
