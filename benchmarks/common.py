@@ -50,11 +50,13 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def run_in_child(module: str, task: dict, timeout: float = 3600) -> dict:
-    """Run `module`'s child entry point on `task` in a fresh process, so peak RSS is that task's alone."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(task)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+def run_in_child(module: str, task: dict, timeout: float = 3600, python: str | None = None,
+                 env: dict | None = None) -> dict:
+    """Run `module`'s child entry point on `task` in a fresh process, so peak RSS is that task's alone.
+    `python`: another interpreter (such as a separate virtualenv's) to run it with."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
+    proc = subprocess.run([python or sys.executable, "-m", module, "--child", json.dumps(task)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({task.get('kind')}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

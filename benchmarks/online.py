@@ -5,7 +5,7 @@ reports time to first token and inter-token latency (p50, p99), throughput, and 
 one second. No PEFT or transformers server exists to compare with, so the same run also measures the
 engine's offline throughput on the same requests (its best case) and reports online throughput against it.
 
-    python -m benchmarks.online --rates 0.25,0.5,1,2 --requests 24
+    python -m benchmarks.online --rates 0.5,1,2,4,8 --requests 32
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ async def _sweep_rate(url: str, rate: float, prompts, models, max_tokens: int, s
             "itl_p99": _pct(itl, 0.99)}
 
 
-def _offline_tok_s(prefix_root: Path, prompts, models, max_tokens: int) -> float:
+def _offline_tok_s(model: str | None, prefix_root: Path, prompts, models, max_tokens: int) -> float:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=None)
+    llm = LLM(model=model)
     llm.engine.register_prefix_dir(str(prefix_root))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
@@ -80,9 +80,10 @@ def _offline_tok_s(prefix_root: Path, prompts, models, max_tokens: int) -> float
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="0.25,0.5,1,2", help="Poisson arrival rates, requests per second")
-    parser.add_argument("--requests", type=int, default=24, help="requests per rate")
+    parser.add_argument("--rates", default="0.5,1,2,4,8", help="Poisson arrival rates, requests per second")
+    parser.add_argument("--requests", type=int, default=32, help="requests per rate")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--json", default="bench_online.json")
     args = parser.parse_args(argv)
 
@@ -90,15 +91,16 @@ def main(argv=None) -> int:
 
     from engine.model_loader import ModelSpec, resolve_model_path
 
-    path = resolve_model_path(None)
+    path = resolve_model_path(args.model)
     spec = ModelSpec.from_config(AutoConfig.from_pretrained(path))
     with tempfile.TemporaryDirectory(prefix="prefix-serve-online-") as tmp:
         root = Path(tmp)
         for i in range(16):
             write_random_prefix(root / f"task{i}", spec, 16, seed=i, model_name=path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        server = subprocess.Popen([sys.executable, "-m", "engine.server", "--prefix-dir", str(root), "--port", "0"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [sys.executable, "-m", "engine.server", *([args.model] if args.model else []), "--prefix-dir",
+                   str(root), "--port", "0"]
+        server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = None
         for line in server.stdout:
             match = re.search(r"ready on (http://\S+)", line)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
             server.wait(60)
         prompts = random_prompts(args.requests, 20, 60, spec.vocab_size, seed=100)
         models = [f"task{random.Random(j).randrange(16)}" for j in range(args.requests)]
-        offline = _offline_tok_s(root, prompts, models, args.max_tokens)
+        offline = _offline_tok_s(args.model, root, prompts, models, args.max_tokens)
     print(f"\nWorkload 3, online: {args.requests} streamed requests per rate over 16 prefixes, "
           f"{args.max_tokens} new tokens")
     print(f"{'rate/s':>7}{'tok/s':>8}{'vs offline':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
@@ -127,8 +129,8 @@ def main(argv=None) -> int:
         print(f"{r['rate']:>7.2f}{r['tok_s']:>8.1f}{r['tok_s'] / offline:>10.2f}x{r['ttft_p50']:>10.3f}"
               f"{r['ttft_p99']:>10.3f}{r['itl_p50']:>9.3f}{r['itl_p99']:>9.3f}{str(r['ttft_p99'] > 1):>12}")
     over = [r["rate"] for r in rows if r["ttft_p99"] > 1]
-    print(f"offline throughput on the same requests: {offline:.1f} tok/s; "
-          f"p99 TTFT first exceeds 1 s at {over[0] if over else 'none of the tested rates'} req/s")
+    print(f"offline throughput on the same requests: {offline:.1f} tok/s; p99 TTFT first exceeds 1 s "
+          + (f"at {over[0]:g} req/s" if over else "at none of the tested rates"))
     Path(args.json).write_text(json.dumps({"offline_tok_s": offline, "rates": rows}, indent=2))
     return 0
 

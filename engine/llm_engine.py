@@ -240,10 +240,11 @@ class EngineCore:
             if seq.needs_fork:
                 new_seqs += self._fork(seq, tokens[1:])
             seq.token_ids.append(tokens[0])
+            stopped = False
             for s in new_seqs:
                 stats.generation_tokens += 1
-                self._check_stop(s)
-            if self.emit_unfinished or request.request_id in self._stream or request.finished:
+                stopped |= self._check_stop(s)
+            if self.emit_unfinished or (stopped and request.finished) or request.request_id in self._stream:
                 changed[request.request_id] = request
         return [self._output(r, now) for r in changed.values()]
 
@@ -258,7 +259,8 @@ class EngineCore:
         parent.needs_fork = False
         return children
 
-    def _check_stop(self, seq: Sequence) -> None:
+    def _check_stop(self, seq: Sequence) -> bool:
+        """Finish the sequence if its newest token ends it; returns whether it did."""
         params = seq.request.params
         token = seq.token_ids[-1]
         reason, stop_reason = None, None
@@ -268,14 +270,18 @@ class EngineCore:
             reason = "stop"
         elif params.stop_strings and self.tokenizer is not None:
             reason, stop_reason = self._find_stop_string(seq)
-        if reason is None and (len(seq.output_token_ids) >= params.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            seq.stop_reason = stop_reason
-            self.scheduler.finish(seq, reason)
-            if not isinstance(stop_reason, str):
-                seq.output_text = self._decode(seq)
+        if reason is None:
+            num_tokens = len(seq.token_ids)
+            if (num_tokens - len(seq.request.prompt_token_ids) >= params.max_tokens
+                    or num_tokens + seq.request.num_prefix_tokens >= self.max_model_len):
+                reason = "length"
+            else:
+                return False
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq, reason)
+        if not isinstance(stop_reason, str):
+            seq.output_text = self._decode(seq)
+        return True
 
     def _find_stop_string(self, seq: Sequence) -> tuple[str | None, str | None]:
         """Look for a stop string near the end of the output; decode all of it only when one may be there."""
