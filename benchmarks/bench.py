@@ -34,8 +34,8 @@ def add_parser(subparsers) -> None:
                    "32 scaling and online)")
     p.add_argument("--counts", default="1,16,256,4096", help="registered prefix counts for the scaling workload")
     p.add_argument("--skip-baselines", action="store_true", help="mixed: run ours only")
-    p.add_argument("--repeat", type=int, default=1, help="mixed: rounds of every setup, interleaved; each setup "
-                   "reports its best round (default: 1)")
+    p.add_argument("--repeat", type=int, default=1, help="mixed and scaling: rounds of every setup, interleaved; "
+                   "each setup reports its best round (default: 1)")
     p.add_argument("--peft-groups", type=int, default=None, help="mixed: time only the first N prefix groups of "
                    "the PEFT baseline (its tok/s is per generated token, so this shortens the run)")
     p.add_argument("--rates", default="0.5,1,2,4,8", help="online: Poisson arrival rates, requests per second")
@@ -152,7 +152,7 @@ def _ours_scaling(task: dict) -> dict:
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"], host_prefix_cache_size=task.get("host_cache", 1024))
+    llm = LLM(model=task["model"])
     engine = llm.engine
     with Timer() as reg:
         names = engine.register_prefix_dir(task["prefix_root"])
@@ -237,38 +237,39 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
 
 def run_scaling(args, spec, path, tmp: Path) -> dict:
     max_tokens = args.max_tokens or 32
-    counts = [int(c) for c in args.counts.split(",")]
+    counts = sorted(int(c) for c in args.counts.split(","))
     prompts = random_prompts(128, 20, 60, spec.vocab_size, seed=1)
     root = tmp / "scaling"
-    made = 0
-    results = {}
-    print(f"\nWorkload 2, prefix-count scaling: 128 requests, {max_tokens} new tokens, P=16")
-    print(f"{'registered':>10}{'dist':>8}{'used':>6}{'tok/s':>8}{'vs 1':>7}{'RSS MB':>8}{'prefix blocks':>14}"
-          f"{'loads':>7}{'load p50 ms':>12}{'p99 ms':>8}{'register s':>11}")
-    for count in counts:
-        while made < count:  # directories accumulate: the 16-prefix root holds the first 16, and so on
-            write_random_prefix(root / f"{count}" / f"t{made:05d}", spec, 16, seed=1000 + made, model_name=path)
-            made += 1
-        for dist in ("uniform", "zipf"):
+    for i in range(counts[-1]):
+        write_random_prefix(root / "all" / f"t{i:05d}", spec, 16, seed=1000 + i, model_name=path)
+    for count in counts:  # one directory per count holding the first `count` adapters (hard links: no extra disk)
+        for i in range(count):
+            (root / f"{count}" / f"t{i:05d}").mkdir(parents=True)
+            for f in (root / "all" / f"t{i:05d}").iterdir():
+                os.link(f, root / f"{count}" / f"t{i:05d}" / f.name)
+    # with one prefix both distributions are the same run
+    configs = [(count, dist) for count in counts for dist in (("any",) if count == 1 else ("uniform", "zipf"))]
+    runs: dict[str, list[dict]] = {f"{c}-{d}": [] for c, d in configs}
+    for round_ in range(args.repeat):  # rounds interleave the configurations, as in the mixed workload
+        for count, dist in configs:
             task = {"kind": "scaling_ours", "model": path, "prefix_root": str(root / f"{count}"),
                     "prompts": prompts, "max_tokens": max_tokens, "distribution": dist, "seed": 7,
                     "threads": args.threads}
             r = run_in_child("benchmarks.bench", task)
-            results[f"{count}-{dist}"] = r
-            base = results.get(f"{counts[0]}-{dist}", r)
-            print(f"{count:>10}{dist:>8}{r['distinct_used']:>6}{_tok_s(r):>8.1f}{_tok_s(r) / _tok_s(base):>6.2f}x"
-                  f"{r['peak_rss_mb']:>8.0f}{r['max_prefix_blocks']:>14}{r['prefix_loads']:>7}"
-                  f"{r['load_p50_ms']:>12.2f}{r['load_p99_ms']:>8.2f}{r['register_seconds']:>11.2f}")
-        # the next count's directory starts as a copy of this one's adapters (hard links: no extra disk)
-        nxt = [c for c in counts if c > count]
-        if nxt:
-            dst = root / f"{nxt[0]}"
-            dst.mkdir(parents=True, exist_ok=True)
-            for sub in (root / f"{count}").iterdir():
-                if not (dst / sub.name).exists():
-                    (dst / sub.name).mkdir()
-                    for f in sub.iterdir():
-                        os.link(f, dst / sub.name / f.name)
+            runs[f"{count}-{dist}"].append(r)
+            print(f"  round {round_ + 1}, {count} prefixes {dist}: {_tok_s(r):.1f} tok/s", flush=True)
+    results = {key: {**max(rs, key=_tok_s), "rounds_tok_s": [round(_tok_s(r), 2) for r in rs]}
+               for key, rs in runs.items()}
+    best = f", best of {args.repeat} interleaved rounds" if args.repeat > 1 else ""
+    print(f"\nWorkload 2, prefix-count scaling: 128 requests, {max_tokens} new tokens, P=16{best}")
+    print(f"{'registered':>10}{'dist':>8}{'used':>6}{'tok/s':>8}{'vs 1':>7}{'RSS MB':>8}{'prefix blocks':>14}"
+          f"{'loads':>7}{'load p50 ms':>12}{'p99 ms':>8}{'register s':>11}")
+    base = _tok_s(results[f"{configs[0][0]}-{configs[0][1]}"])
+    for count, dist in configs:
+        r = results[f"{count}-{dist}"]
+        print(f"{count:>10}{dist:>8}{r['distinct_used']:>6}{_tok_s(r):>8.1f}{_tok_s(r) / base:>6.2f}x"
+              f"{r['peak_rss_mb']:>8.0f}{r['max_prefix_blocks']:>14}{r['prefix_loads']:>7}"
+              f"{r['load_p50_ms']:>12.2f}{r['load_p99_ms']:>8.2f}{r['register_seconds']:>11.2f}")
     return results
 
 

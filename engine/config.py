@@ -20,8 +20,15 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 2.0
-    host_prefix_cache_size: int = 1024  # prefixes kept in host memory after eviction from the device
+    # prefix KV kept in host memory, so a prefix evicted from the device comes back without a disk read.
+    # None: 1024 on GPUs, 0 on CPU (there the KV cache is host memory already; a copy would double it)
+    host_prefix_cache_size: int | None = None
     allowed_prefix_roots: tuple[str, ...] = ()  # where prefix paths from requests may point
+
+    def resolved_host_prefix_cache_size(self) -> int:
+        if self.host_prefix_cache_size is not None:
+            return self.host_prefix_cache_size
+        return 1024 if str(self.device).startswith("cuda") else 0
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

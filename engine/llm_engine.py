@@ -56,7 +56,7 @@ class EngineCore:
             model_path=self.model_path, device=config.device, dtype=config.resolved_dtype(),
             block_size=config.block_size, num_blocks=config.num_kv_blocks,
             attention_backend=config.attention_backend or default_backend_name(config.device),
-            host_prefix_cache_size=config.host_prefix_cache_size,
+            host_prefix_cache_size=config.resolved_host_prefix_cache_size(),
             cpu_kv_cache_bytes=int(config.cpu_kv_cache_gb * (1 << 30)),
             gpu_memory_utilization=config.gpu_memory_utilization)
         self.attention_backend = worker_config.attention_backend

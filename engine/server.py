@@ -392,8 +392,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Share of GPU memory for weights and KV cache (default: 0.9).")
     engine.add_argument("--cpu-kv-cache-gb", type=float, default=2.0,
                         help="KV-cache size on CPU, in GiB (default: 2).")
-    engine.add_argument("--host-prefix-cache-size", type=int, default=1024,
-                        help="Prefixes kept in host memory after eviction from the device (default: 1024).")
+    engine.add_argument("--host-prefix-cache-size", type=int, default=None,
+                        help="Prefixes whose KV is kept in host memory, so one evicted from the device comes back "
+                             "without a disk read (default: 1024 on GPUs, 0 on CPU, where the KV cache is host "
+                             "memory already).")
     parser.set_defaults(func=run)
     return parser
 

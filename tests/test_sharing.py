@@ -64,3 +64,14 @@ def test_cpu_kv_cache_takes_memory_only_for_blocks_written():
     cache.write_prefix(torch.ones(4, 2, 32, 2, 64), [7, 3])
     assert cache.data[:, :, [7, 3]].eq(1).all() and cache.data[:, :, 0].eq(0).all()
     assert _rss_bytes() - before < 16 << 20  # two blocks written, not the whole cache
+
+
+@pytest.mark.parametrize("size, kept", [(None, 0), (4, 1)])
+def test_cpu_keeps_no_host_copy_of_resident_prefixes_by_default(tiny_zoo, size, kept):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64,
+              host_prefix_cache_size=size)
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), prefix="p5", use_tqdm=False)
+    assert llm.engine.stats.prefix_loads == 1
+    assert len(llm.engine.executor.worker.host_prefixes._entries) == kept
