@@ -58,7 +58,8 @@ def _child(task: dict) -> dict:
     if task.get("threads"):
         torch.set_num_threads(task["threads"])
     return {"mixed_ours": _ours_mixed, "peft_grouped": _peft_grouped, "hf_static": _hf_static,
-            "vllm_static": _vllm_static, "scaling_ours": _ours_scaling}[task["kind"]](task)
+            "vllm_static": _vllm_static, "scaling_ours": _ours_scaling,
+            "scaling_paired": _paired_scaling}[task["kind"]](task)
 
 
 def _ours_mixed(task: dict) -> dict:
@@ -145,6 +146,31 @@ def _vllm_static(task: dict) -> dict:
         outs = llm.generate(prompts, params, use_tqdm=False)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def _paired_scaling(task: dict) -> dict:
+    """One engine, one process: the same requests all on one prefix, then spread uniformly over every registered
+    prefix, alternating, with the spread prefixes evicted before each run so every run pays its loads."""
+    import random
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=task["model"])
+    names = llm.engine.register_prefix_dir(task["prefix_root"])
+    prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
+    rng = random.Random(task["seed"])
+    layouts = {"one": [names[0]] * len(prompts), "spread": [rng.choice(names) for _ in prompts]}
+    params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2), prefix=layouts["one"][:2], use_tqdm=False)
+    rates: dict[str, list[float]] = {"one": [], "spread": []}
+    for _ in range(task["pairs"]):
+        for label, assignment in layouts.items():
+            for key in llm.engine.block_manager.resident_prefixes():
+                llm.engine.block_manager.evict_prefix(key)  # a no-op for prefixes still in use (none here)
+            with Timer() as t:
+                outs = llm.generate(prompts, params, prefix=assignment, use_tqdm=False)
+            rates[label].append(sum(len(o.outputs[0].token_ids) for o in outs) / t.seconds)
+    return {"rates": rates, "distinct_used": len(set(layouts["spread"]))}
 
 
 def _ours_scaling(task: dict) -> dict:
@@ -270,6 +296,16 @@ def run_scaling(args, spec, path, tmp: Path) -> dict:
         print(f"{count:>10}{dist:>8}{r['distinct_used']:>6}{_tok_s(r):>8.1f}{_tok_s(r) / base:>6.2f}x"
               f"{r['peak_rss_mb']:>8.0f}{r['max_prefix_blocks']:>14}{r['prefix_loads']:>7}"
               f"{r['load_p50_ms']:>12.2f}{r['load_p99_ms']:>8.2f}{r['register_seconds']:>11.2f}")
+    # Separate processes run minutes apart, and this machine's speed drifts more than the effect measured. So
+    # the same comparison once more inside one process, the two layouts alternating run by run.
+    task = {"kind": "scaling_paired", "model": path, "prefix_root": str(root / f"{counts[-1]}"), "prompts": prompts,
+            "max_tokens": max_tokens, "seed": 7, "pairs": 3, "threads": args.threads}
+    paired = run_in_child("benchmarks.bench", task)
+    one, spread = (sum(paired["rates"][k]) / len(paired["rates"][k]) for k in ("one", "spread"))
+    print(f"\nPaired in one process, {len(paired['rates']['one'])} alternating runs each: all on one prefix "
+          f"{one:.1f} tok/s, spread uniformly over {counts[-1]} registered ({paired['distinct_used']} used) "
+          f"{spread:.1f} tok/s = {spread / one:.2f}x")
+    results["paired"] = {**paired, "ratio": spread / one}
     return results
 
 

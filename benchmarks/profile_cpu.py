@@ -89,11 +89,13 @@ def main() -> None:
         llm.engine.step()
         while records[-1][0] != records[-1][1]:  # until prefill is done
             llm.engine.step()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, record_shapes=args.shapes) as prof:
             for _ in range(3):
                 llm.engine.step()
         runner.execute = execute
-        print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.ops))
+        table = prof.key_averages(group_by_input_shape=args.shapes)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.ops))
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # A stack: the block freed last is handed out first. It is still warm in the CPU's caches, and a CPU
-        # cache's pages are only touched (and counted in RSS) as far as the most blocks ever in use at once.
+        # A stack: the block freed last is handed out first. It is still warm in the processor's caches, and on
+        # CPU the KV cache's pages are only ever touched (and counted in RSS) for as many blocks as were once in
+        # use at the same time.
         self._free: list[int] = list(reversed(range(num_blocks)))
         self._prefixes: dict[str, PrefixEntry] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # unpinned prefixes, least recently used first
