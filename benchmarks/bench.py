@@ -25,7 +25,7 @@ from benchmarks.common import Timer, peak_rss_mb, random_prompts, run_in_child, 
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="run the offline benchmarks (baselines and ours in one run)",
+    p = subparsers.add_parser("bench", help="run the benchmarks (baselines and ours in one run)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=["mixed", "scaling", "online", "all"], default="mixed",
                    help="all: mixed, then scaling, then online")
@@ -310,6 +310,8 @@ def run_scaling(args, spec, path, tmp: Path) -> dict:
 
 
 def run(args) -> int:
+    if args.repeat < 1:
+        raise SystemExit("prefix-serve bench: --repeat must be at least 1")
     spec, path = _spec_and_path(args.model)
     results = {}
     with tempfile.TemporaryDirectory(prefix="prefix-serve-bench-") as tmp:

@@ -16,7 +16,7 @@ _SUBCOMMANDS = {
     "demo": ("engine.demo", "show the same prompts with and without each demo prefix"),
     "train": ("engine.train", "train a PEFT prefix-tuning adapter on JSONL data"),
     "eval": ("engine.evaluate", "score a prefix against the base model on held-out data"),
-    "bench": ("benchmarks.bench", "run the offline benchmarks (baselines and ours in one run)"),
+    "bench": ("benchmarks.bench", "run the benchmarks (baselines and ours in one run)"),
 }
 
 
