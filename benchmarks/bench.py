@@ -65,7 +65,7 @@ def _child(task: dict) -> dict:
 def _ours_mixed(task: dict) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"])
+    llm = LLM(model=task["model"], skip_tokenizer_init=True)
     for i, path in enumerate(task["prefixes"]):
         llm.load_prefix(f"task{i}", path)
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
@@ -155,7 +155,7 @@ def _paired_scaling(task: dict) -> dict:
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"])
+    llm = LLM(model=task["model"], skip_tokenizer_init=True)
     names = llm.engine.register_prefix_dir(task["prefix_root"])
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
     rng = random.Random(task["seed"])
@@ -178,7 +178,7 @@ def _ours_scaling(task: dict) -> dict:
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"])
+    llm = LLM(model=task["model"], skip_tokenizer_init=True)
     engine = llm.engine
     with Timer() as reg:
         names = engine.register_prefix_dir(task["prefix_root"])

@@ -32,9 +32,11 @@ def write_random_prefix(out_dir: Path, spec, num_virtual_tokens: int, seed: int,
 
 
 def random_prompts(count: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids away from both ends of the vocabulary (where special tokens usually sit)."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=generator).tolist()
-    return [torch.randint(100, vocab - 100, (n,), generator=generator).tolist() for n in lengths]
+    margin = min(100, vocab // 4)
+    return [torch.randint(margin, vocab - margin, (n,), generator=generator).tolist() for n in lengths]
 
 
 def peak_rss_mb() -> float:
