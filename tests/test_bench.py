@@ -10,7 +10,8 @@ from engine.cli import build_parser
 
 def _run(tmp_path, *argv) -> dict:
     out = tmp_path / "results.json"
-    args = build_parser("bench").parse_args(["bench", *argv, "--max-tokens", "2", "--threads", "1", "--json", str(out)])
+    argv = ["bench", *argv, "--max-tokens", "2", "--threads", "1", "--json", str(out)]
+    args = build_parser("bench").parse_args(argv)
     assert bench.run(args) == 0
     return json.loads(out.read_text())
 
