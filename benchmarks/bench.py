@@ -225,6 +225,16 @@ def _tok_s(result: dict) -> float:
     return result["tokens"] / result["seconds"]
 
 
+def _best_rounds(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each setup's best round (the least disturbed one, as timeit reports), with every round's rate."""
+    return {key: {**max(rs, key=_tok_s), "rounds_tok_s": [round(_tok_s(r), 2) for r in rs]}
+            for key, rs in runs.items()}
+
+
+def _rounds_label(repeat: int) -> str:
+    return f", best of {repeat} interleaved rounds" if repeat > 1 else ""
+
+
 def run_mixed(args, spec, path, tmp: Path) -> dict:
     max_tokens = args.max_tokens or 64
     prefixes = [str(write_random_prefix(tmp / f"mixed{i}", spec, 16, seed=i, model_name=path)) for i in range(16)]
@@ -242,10 +252,8 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
             r = run_in_child("benchmarks.bench", {**task, "kind": kind}, python=python, env=env)
             runs[key].append(r)
             print(f"  round {round_ + 1}, {key}: {_tok_s(r):.1f} tok/s ({r['seconds']:.1f} s)", flush=True)
-    # each setup's best round (the least disturbed one, as timeit reports); every round is in the JSON
-    results = {key: {**max(rs, key=_tok_s), "rounds_tok_s": [round(_tok_s(r), 2) for r in rs]}
-               for key, rs in runs.items()}
-    best = f", best of {args.repeat} interleaved rounds" if args.repeat > 1 else ""
+    results = _best_rounds(runs)
+    best = _rounds_label(args.repeat)
     print(f"\nWorkload 1, mixed tasks: 64 requests over 16 prefixes (P=16), {max_tokens} new tokens, fp32{best}")
     print(f"{'setup':<48}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}")
     ours = _tok_s(results["ours"])
@@ -284,9 +292,8 @@ def run_scaling(args, spec, path, tmp: Path) -> dict:
             r = run_in_child("benchmarks.bench", task)
             runs[f"{count}-{dist}"].append(r)
             print(f"  round {round_ + 1}, {count} prefixes {dist}: {_tok_s(r):.1f} tok/s", flush=True)
-    results = {key: {**max(rs, key=_tok_s), "rounds_tok_s": [round(_tok_s(r), 2) for r in rs]}
-               for key, rs in runs.items()}
-    best = f", best of {args.repeat} interleaved rounds" if args.repeat > 1 else ""
+    results = _best_rounds(runs)
+    best = _rounds_label(args.repeat)
     print(f"\nWorkload 2, prefix-count scaling: 128 requests, {max_tokens} new tokens, P=16{best}")
     print(f"{'registered':>10}{'dist':>8}{'used':>6}{'tok/s':>8}{'vs 1':>7}{'RSS MB':>8}{'prefix blocks':>14}"
           f"{'loads':>7}{'load p50 ms':>12}{'p99 ms':>8}{'register s':>11}")

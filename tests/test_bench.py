@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench
 from engine.cli import build_parser
 
@@ -37,3 +39,8 @@ def test_scaling_workload_reports_every_configuration_and_the_paired_run(tiny_zo
     assert results["5-uniform"]["prefix_loads"] == results["5-uniform"]["max_prefix_blocks"] == 5
     assert len(results["paired"]["rates"]["one"]) == len(results["paired"]["rates"]["spread"]) == 3
     assert results["paired"]["ratio"] > 0
+
+
+def test_repeat_below_one_is_refused_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="--repeat must be at least 1"):
+        _run(tmp_path, "--workload", "mixed", "--repeat", "0")

@@ -68,15 +68,14 @@ class KVCache:
             # An anonymous mapping reads as zeros and takes memory only as pages are first written, so RSS
             # follows the blocks in use, not the configured cache size. (Zeros matter: a backend may read a
             # masked-out slot, and a NaN there would survive being multiplied by a zero weight.)
-            self._buffer = mmap.mmap(-1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            self._buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
             self.data = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+        return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[layer_idx, 0], self.data[layer_idx, 1]
