@@ -24,6 +24,16 @@ class EngineConfig:
     # None: 1024 on GPUs, 0 on CPU (there the KV cache is host memory already; a copy would double it)
     host_prefix_cache_size: int | None = None
     allowed_prefix_roots: tuple[str, ...] = ()  # where prefix paths from requests may point
+    # greedy decode steps run back to back on the device per engine step, when nothing waiting could start
+    # (scheduler/scheduler.py). None: 8 on GPUs, where it hides the host's per-step work; 1 on CPU
+    decode_steps: int | None = None
+
+    def resolved_decode_steps(self) -> int:
+        if self.decode_steps is not None:
+            if self.decode_steps < 1:
+                raise ValueError(f"decode_steps must be at least 1, got {self.decode_steps}.")
+            return self.decode_steps
+        return 8 if str(self.device).startswith("cuda") else 1
 
     def resolved_host_prefix_cache_size(self) -> int:
         if self.host_prefix_cache_size is not None:

@@ -37,6 +37,7 @@ class EngineStats:
     prefix_loads: int = 0
     prefix_load_seconds: list[float] = field(default_factory=list)  # drained by the exporter
     steps: int = 0
+    decode_run_steps: int = 0  # forwards that ran inside decode runs (steps counts each run once)
 
 
 class EngineCore:
@@ -62,11 +63,12 @@ class EngineCore:
         self.attention_backend = worker_config.attention_backend
         self.executor = make_executor(config.executor, worker_config, self.spec)
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-                                   self.block_manager)
         # A sequence must fit the model's positions and, alone, the KV cache (one block spare for copy-on-write).
         cache_tokens = (self.executor.num_blocks - 1) * config.block_size
         self.max_model_len = min(self.spec.max_model_len, config.max_model_len or cache_tokens, cache_tokens)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.resolved_decode_steps(), self.max_model_len),
+                                   self.block_manager)
         self.eos_token_ids = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -212,18 +214,21 @@ class EngineCore:
                              table_tail=self.block_manager.tables[seq.seq_id][item.table_from:])
             seqs.append(entry)
         return messages.pack({"drop": out.dropped_seq_ids, "prefix_loads": loads,
-                              "copies": [[c.src, c.dst] for c in out.copies], "seqs": seqs})
+                              "copies": [[c.src, c.dst] for c in out.copies], "seqs": seqs,
+                              "steps": out.num_steps})
 
     def _update(self, out: SchedulerOutput, result: dict) -> list[RequestOutput]:
         now = time.monotonic()
         stats = self.stats
         stats.steps += 1
+        if out.num_steps > 1:
+            stats.decode_run_steps += out.num_steps
         stats.preemptions += out.num_preempted
         stats.prefix_loads += len(out.prefix_loads)
         stats.prefix_load_seconds.extend(result.get("load_seconds", ()))
         admitted_on_prefix = 0
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_tokens
+            item.seq.num_computed_tokens += item.num_tokens * out.num_steps
             admitted_on_prefix += item.is_new and item.seq.request.prefix is not None
         # an admission that had to materialize its prefix is a miss; every other one found it resident
         stats.prefix_misses += len(out.prefix_loads)
@@ -236,14 +241,23 @@ class EngineCore:
             if request.first_token_time is None:
                 request.first_token_time = now
                 stats.prompt_tokens += len(request.prompt_token_ids)
-            new_seqs = [seq]
-            if seq.needs_fork:
-                new_seqs += self._fork(seq, tokens[1:])
-            seq.token_ids.append(tokens[0])
-            stopped = False
-            for s in new_seqs:
-                stats.generation_tokens += 1
-                stopped |= self._check_stop(s)
+            if out.num_steps > 1:  # a decode run: one token per step, the ones after a stop are discarded
+                stopped = False
+                for token in tokens:
+                    seq.token_ids.append(token)
+                    stats.generation_tokens += 1
+                    if self._check_stop(seq):
+                        stopped = True
+                        break
+            else:  # one step: the first token, and at a forking prompt's end one more per forked sample
+                new_seqs = [seq]
+                if seq.needs_fork:
+                    new_seqs += self._fork(seq, tokens[1:])
+                seq.token_ids.append(tokens[0])
+                stopped = False
+                for s in new_seqs:
+                    stats.generation_tokens += 1
+                    stopped |= self._check_stop(s)
             if self.emit_unfinished or (stopped and request.finished) or request.request_id in self._stream:
                 changed[request.request_id] = request
         return [self._output(r, now) for r in changed.values()]

@@ -396,6 +396,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Prefixes whose KV is kept in host memory, so one evicted from the device comes back "
                              "without a disk read (default: 1024 on GPUs, 0 on CPU, where the KV cache is host "
                              "memory already).")
+    engine.add_argument("--decode-steps", type=int, default=None,
+                        help="Greedy decode steps run back to back on the device per engine step when nothing "
+                             "waiting could start; tokens then stream in groups of up to this many (default: 8 "
+                             "on GPUs, 1 on CPU).")
     parser.set_defaults(func=run)
     return parser
 
@@ -427,7 +431,7 @@ def run(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         executor=args.executor, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
-        host_prefix_cache_size=args.host_prefix_cache_size,
+        host_prefix_cache_size=args.host_prefix_cache_size, decode_steps=args.decode_steps,
         allowed_prefix_roots=tuple([d for d in prefix_dirs if d != str(DEMO_PREFIX_DIR)]
                                    + [str(Path(r).resolve()) for r in args.allowed_prefix_root]))
     options = EngineProcessOptions(prefix_dirs=tuple(prefix_dirs), debug=args.debug_endpoints,

@@ -7,6 +7,13 @@ its prefix already computed, so admitting it costs no prefill for the prefix.
 
 When the running sequences need more blocks than exist, the newest one is preempted: its blocks are freed and
 it is recomputed later from its tokens, which gives the same greedy output.
+
+Decode runs: when a step is pure greedy decode and nothing waiting could be admitted anyway, the step is
+stretched to `decode_steps` tokens per sequence. The worker then runs that many forwards back to back, each
+feeding the previous one's sampled tokens to the next on the device, and reports them together. This spreads the
+host's per-step work (scheduling, messages, input packing, the wait for sampled tokens) over several tokens. A
+run never goes past a sequence's `max_tokens` or the context limit; a sequence that stops on a stop token inside
+a run has its later tokens discarded by the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from scheduler.request import Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    decode_steps: int = 1  # longest decode run (see the module docstring); 1: one token per step
+    max_model_len: int | None = None  # a decode run stops short of this many KV-stream tokens
 
 
 @dataclass
@@ -39,6 +48,7 @@ class SchedulerOutput:
     prefix_loads: list[PrefixEntry] = field(default_factory=list)
     dropped_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted since last step
     num_preempted: int = 0
+    num_steps: int = 1  # > 1: a decode run, every scheduled sequence advances this many tokens, one at a time
 
 
 class Scheduler:
@@ -115,8 +125,37 @@ class Scheduler:
             self._admit(seq, out)
             out.scheduled.append(self._advance(seq, num_new, is_new=True, out=out))
             budget -= num_new
+        if self.config.decode_steps > 1:
+            self._stretch_decode(out)
         out.dropped_seq_ids, self._dropped = self._dropped, []
         return out
+
+    def _stretch_decode(self, out: SchedulerOutput) -> None:
+        """Turn a pure greedy decode step into a run of up to `decode_steps` tokens per sequence (see above)."""
+        if (not out.scheduled or out.num_preempted or out.prefix_loads or out.copies
+                or (self.waiting and len(self.running) < self.config.max_num_seqs)):
+            return
+        steps = self.config.decode_steps
+        max_len = self.config.max_model_len
+        for item in out.scheduled:
+            seq = item.seq
+            params = seq.request.params
+            if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or params.temperature != 0:
+                return
+            steps = min(steps, params.max_tokens - (len(seq.token_ids) - len(seq.request.prompt_token_ids)))
+            if max_len is not None:
+                steps = min(steps, max_len - seq.num_tokens)
+        if steps < 2:
+            return
+        bm = self.block_manager
+        extra = sum(bm.blocks_needed(item.seq.seq_id, item.seq.num_computed_tokens, steps) for item in out.scheduled)
+        if extra > bm.num_available_blocks():
+            return
+        for item in out.scheduled:
+            result = bm.append_slots(item.seq.seq_id, item.seq.num_computed_tokens, steps)
+            assert not result.copies  # the first token's slot, already made private, is the only shared one
+            item.table_from = min(item.table_from, result.table_from)
+        out.num_steps = steps
 
     def _admission_cost(self, seq: Sequence, num_new: int) -> int:
         bm = self.block_manager

@@ -156,7 +156,8 @@ prefixes = ["p5", "p8proj", None, "p16", "p5"]
 max_tokens = [3, 5, 7, 9, 12]  # the batch shrinks 5 -> 1, so buckets 8, 4, 2 and 1 all run
 expected = [peft_forward_greedy(zoo["model"], zoo["adapters"][p] if p else None, pr, m)
             for pr, p, m in zip(prompts, prefixes, max_tokens)]
-llm = LLM(model=zoo["model"], skip_tokenizer_init=True, block_size=4, attention_backend="triton")
+llm = LLM(model=zoo["model"], skip_tokenizer_init=True, block_size=4, attention_backend="triton",
+          decode_steps=int(sys.argv[3]))
 for name, path in zoo["adapters"].items():
     llm.load_prefix(name, path)
 worker = llm.engine.executor.worker
@@ -168,23 +169,35 @@ stats = worker.runner.graph_stats
 print(json.dumps({"got": [o.outputs[0].token_ids for o in outs], "expected": expected,
                   "captured": [list(k) for k in stats.captured], "graph_steps": stats.graph_steps,
                   "eager_steps": stats.eager_steps, "failed": len(stats.failed),
+                  "decode_run_steps": llm.engine.stats.decode_run_steps,
                   "scratch_written": bool(cache[:, :, scratch].abs().sum() > 0)}))
 """
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_graph_decode_path_matches_peft_forward_with_mixed_prefixes(tiny_zoo, arch):
-    entry = tiny_zoo(arch)
+def _emulated_graph_run(entry, decode_steps: int) -> dict:
     zoo = {"model": str(entry["model"]), "adapters": {k: str(v) for k, v in entry["adapters"].items()}}
     env = {**os.environ, "TRITON_INTERPRET": "1", "PREFIX_SERVE_CUDA_GRAPHS": "on"}
-    proc = subprocess.run([sys.executable, "-c", _EMULATED_GRAPH_CHILD, str(REPO_ROOT), json.dumps(zoo)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _EMULATED_GRAPH_CHILD, str(REPO_ROOT), json.dumps(zoo),
+                           str(decode_steps)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_graph_decode_path_matches_peft_forward_with_mixed_prefixes(tiny_zoo, arch):
+    result = _emulated_graph_run(tiny_zoo(arch), decode_steps=1)
     assert result["got"] == result["expected"]
     assert [k[0] for k in result["captured"]] == [8, 4, 2, 1]
     assert result["graph_steps"] >= 10 and result["failed"] == 0
     assert result["scratch_written"]  # padding rows went to the scratch block
+    assert result["decode_run_steps"] == 0
+
+
+def test_graph_decode_runs_feed_tokens_on_the_device_and_match_peft_forward(tiny_zoo):
+    """Decode runs through the graph path: each replay's input ids are the previous replay's argmax."""
+    result = _emulated_graph_run(tiny_zoo("llama"), decode_steps=4)
+    assert result["got"] == result["expected"]
+    assert result["decode_run_steps"] >= 4 and result["graph_steps"] >= 10 and result["failed"] == 0
 
 
 @pytest.mark.gpu

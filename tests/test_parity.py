@@ -86,3 +86,32 @@ def test_parallel_greedy_samples_all_match_referee_and_share_prompt_blocks(tiny_
     assert [c.token_ids for c in out.outputs] == [expected] * 3
     assert [c.index for c in out.outputs] == [0, 1, 2]
     llm.check_integrity()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_runs_match_peft_forward(tiny_zoo, arch):
+    """Several greedy forwards per engine step, tokens fed back on the device; runs stop at max_tokens."""
+    entry = tiny_zoo(arch)
+    llm, got = _run(entry, block_size=4, decode_steps=4)
+    assert got == _expected(entry)
+    # prefills and mixed steps run one forward; once all five decode, runs of 4 and the final 1 forward
+    assert llm.engine.stats.decode_run_steps >= 4
+    llm.check_integrity()
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_decode_run_discards_tokens_after_a_stop_token(tiny_zoo):
+    entry = tiny_zoo("llama")
+    expected = _expected(entry)
+    stop = expected[2][3]  # prompt 2's fourth token: inside a run of 8 for every sequence
+    cut = [e[:e.index(stop) + 1] if stop in e else e for e in expected]
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, decode_steps=8)
+    for name, path in entry["adapters"].items():
+        llm.load_prefix(name, str(path))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, stop_token_ids=[stop])
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == cut
+    assert outs[2].outputs[0].finish_reason == "stop"
+    assert llm.engine.stats.decode_run_steps > 0
+    assert llm.engine.stats.generation_tokens == sum(map(len, cut))
+    llm.check_integrity()

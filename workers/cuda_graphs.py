@@ -192,8 +192,9 @@ class DecodeGraphs:
         return None if key in self.stats.failed else key
 
     def run(self, key, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor | None:
-        """Replay the graph for `key` on this step; fp32 logits [n, vocab], or None if the graph is unavailable."""
+            block_tables: list[list[int]], device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Replay the graph for `key` on this step; fp32 logits [n, vocab], or None if the graph is unavailable.
+        `device_ids`, when given, are the step's token ids already on the device (`input_ids` is then ignored)."""
         graph = self.graphs.get(key) or self._capture(key)
         if graph is None:
             return None
@@ -203,6 +204,8 @@ class DecodeGraphs:
                                 self.scratch_block, self.block_size)
         host = host_int32(flat)
         self.staging[: host.numel()].copy_(host, non_blocking=True)  # pageable source: staged before it returns
+        if device_ids is not None:
+            self.staging[:n].copy_(device_ids)
         tables_at = 4 * field_stride(bucket)
         self.block_tables[:bucket, :width].copy_(self.staging[tables_at: tables_at + bucket * width]
                                                  .view(bucket, width))

@@ -178,28 +178,31 @@ class ModelRunner:
         return self.lm_head(hidden).float().contiguous()  # CPU linears may return a transposed view
 
     @torch.inference_mode()
-    def execute(self, step: StepInputs) -> torch.Tensor:
-        """Run one packed forward; returns fp32 logits [len(sample_rows), vocab]."""
+    def execute(self, step: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one packed forward; returns fp32 logits [len(sample_rows), vocab].
+
+        `input_ids`, a device tensor of N token ids, replaces `step.input_ids` without a trip through the host
+        (a decode run feeds each step the previous step's tokens this way)."""
         if self.graphs is not None:
-            logits = self._execute_graph(step)
+            logits = self._execute_graph(step, input_ids)
             if logits is not None:
                 return logits
             self.graphs.stats.eager_steps += 1
-        return self._execute_eager(step)
+        return self._execute_eager(step, input_ids)
 
-    def _execute_graph(self, step: StepInputs) -> torch.Tensor | None:
+    def _execute_graph(self, step: StepInputs, input_ids: torch.Tensor | None) -> torch.Tensor | None:
         key = self.graphs.key_for(step.query_lens, step.seq_lens, step.block_tables)
         if key is None:
             return None
         logits = self.graphs.run(key, step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
-                                 step.block_tables)
+                                 step.block_tables, input_ids)
         if logits is None or len(step.sample_rows) == len(step.input_ids):
             return logits
         # some rows are non-final 1-token prefill chunks: keep only the sampled ones
         rows = torch.tensor(step.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return logits.index_select(0, rows)
 
-    def _execute_eager(self, step: StepInputs) -> torch.Tensor:
+    def _execute_eager(self, step: StepInputs, input_ids: torch.Tensor | None) -> torch.Tensor:
         num_seqs = len(step.query_lens)
         width = max(map(len, step.block_tables))
         query_start_loc = list(itertools.accumulate(step.query_lens, initial=0))
@@ -216,4 +219,5 @@ class ModelRunner:
             max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens))
         meta.plan = self.backend.plan(meta)
         rows = packed[at[3]: at[3] + len(step.sample_rows)]
-        return self._forward(packed[at[0]: at[0] + n], packed[at[1]: at[1] + n], meta, rows)
+        ids = packed[at[0]: at[0] + n] if input_ids is None else input_ids.to(torch.int32)
+        return self._forward(ids, packed[at[1]: at[1] + n], meta, rows)

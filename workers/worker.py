@@ -85,7 +85,13 @@ class Worker:
         load_seconds = [self._materialize_prefix(load) for load in msg.get("prefix_loads", ())]
         self.kv_cache.copy_blocks([tuple(p) for p in msg.get("copies", ())])
         scheduled = [self._update_state(entry) for entry in msg.get("seqs", ())]
-        sampled = self._run(scheduled) if scheduled else []
+        steps = msg.get("steps", 1)
+        if not scheduled:
+            sampled = []
+        elif steps > 1:
+            sampled = self._run_decode(scheduled, steps)
+        else:
+            sampled = self._run(scheduled)
         return messages.pack({"sampled": sampled, "load_seconds": load_seconds})
 
     def forget_prefix(self, key: str) -> None:
@@ -151,6 +157,32 @@ class Worker:
                                                    state.index + offset)
                 state.fork_ids = []
             state.tokens.append(toks[0])
+            results.append([seq_id, toks])
+        return results
+
+
+    def _run_decode(self, scheduled: list[tuple[int, SeqState, int]], steps: int) -> list:
+        """A decode run (see scheduler.py): `steps` greedy forwards back to back, each one's input tokens the
+        previous one's argmax, which stays on the device. The host reads the tokens once, at the end."""
+        block_size = self.config.block_size
+        states = [state for _, state, _ in scheduled]
+        tables = [state.table for state in states]
+        starts = [state.computed for state in states]
+        first_ids = [state.tokens[state.computed - state.prefix_len] for state in states]
+        rows = list(range(len(states)))
+        ones = [1] * len(states)
+        tokens, previous = [], None
+        for i in range(steps):
+            positions = [start + i for start in starts]
+            slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)]
+            step = StepInputs(first_ids, positions, slots, ones, [p + 1 for p in positions], tables, rows)
+            previous = self.runner.execute(step, input_ids=previous).argmax(dim=-1)
+            tokens.append(previous)
+        per_seq = torch.stack(tokens, dim=1).tolist()  # the one device sync of the run
+        results = []
+        for (seq_id, state, _), toks in zip(scheduled, per_seq):
+            state.tokens.extend(toks)
+            state.computed += steps
             results.append([seq_id, toks])
         return results
 
