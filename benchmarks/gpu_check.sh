@@ -7,13 +7,15 @@
 # the run goes on):
 #   1. kernels   attention backends against the torch reference (bf16 tolerances)        ~20 s
 #   2. parity    engine greedy output against the PEFT-forward referee, Llama and Qwen2,
-#                fp32 / TF32 off, eager and with CUDA-graph decode                       ~60 s
+#                fp32 / TF32 off, eager, with CUDA-graph decode, and with decode runs     ~90 s
 #   -  gputests  the tests marked gpu (CUDA-graph replay = eager; backends on CUDA), if pytest is there  ~20 s
-#   3. setup     random 0.85B-parameter Llama (bf16) and 256 random P=32 prefixes        ~20 s
-#   4. ours      copy bandwidth, then 1,024 requests over 256 prefixes, step timings      ~60 s
+#   3. setup     random 1.1B-parameter Llama (bf16) and 256 random P=32 prefixes         ~25 s
+#   4. ours      copy bandwidth, then 1,024 requests over 256 prefixes (decode runs of up
+#                to 8 forwards, the CUDA default), step timings, a kernel profile         ~60 s
 #   5. peft      PEFT generate, one prefix, batch 256                                      ~30 s
 #   6. cb        transformers generate_batch, 512 requests, no prefix                     ~60 s
-#   7. ours512   ours again with max_num_seqs=512, only if time is left
+#   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain    ~50 s
+#   8. ours512   ours again with max_num_seqs=512, only if time is left
 # Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
 # GPU_BENCH_LAYERS (the benchmark model's layer count, default 16).
 set -u
@@ -57,7 +59,7 @@ run_part() {
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
 
 run_part kernels 60 "$PY" -m benchmarks.gpu_parity kernels --out "$OUT/kernels.json"
-run_part parity 110 "$PY" -m benchmarks.gpu_parity engine --out "$OUT/engine.json" --budget-s 80
+run_part parity 150 "$PY" -m benchmarks.gpu_parity engine --out "$OUT/engine.json" --budget-s 110
 if "$PY" -c "import pytest" 2>/dev/null; then
   run_part gputests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_graphs.py \
     tests/test_attention_backends.py
@@ -72,7 +74,12 @@ CB_REQUESTS=512
 if [ $(( BUDGET - $(elapsed) )) -lt 150 ]; then CB_REQUESTS=256; fi
 run_part cb 120 "$PY" -m benchmarks.gpu_bench cb --dir "$WORK" --out "$OUT/cb.json" --cb-requests "$CB_REQUESTS"
 if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
-  run_part ours512 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours512.json" --max-num-seqs 512
+  run_part ours1 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours1.json" --max-num-seqs 256 \
+    --decode-steps 1 --no-profile
+fi
+if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
+  run_part ours512 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours512.json" --max-num-seqs 512 \
+    --no-profile
 fi
 
 echo "total $(elapsed) s; logs and JSON in $OUT"

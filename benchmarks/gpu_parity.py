@@ -7,8 +7,9 @@ kernels: every fast attention backend against TorchPagedAttention on the shapes 
 tolerances; one fp16 and one fp32 case), checks only, no timing.
 engine: greedy outputs of the engine on random-weight Llama and Qwen2 models with mixed prefixes (P = 5, 8 with
 a projection, 16, and no prefix), against the referee of DESIGN section 1: PeftModel.forward over the whole
-sequence at every step, argmax. fp32 with TF32 off, so the comparison is token for token. Each model runs twice:
-eager (PREFIX_SERVE_CUDA_GRAPHS=off) and with CUDA-graph decode (=on). One prompt is long enough (530 tokens)
+sequence at every step, argmax. fp32 with TF32 off, so the comparison is token for token. Each model runs three
+times: eager (PREFIX_SERVE_CUDA_GRAPHS=off) and with CUDA-graph decode (=on), one forward per engine step; then
+with graphs and decode runs of up to 8 forwards (tokens fed back on the device). One prompt is long enough (530 tokens)
 for the long-context decode tiles. A mismatch reports the referee's top-1 / top-2 logit gap where the outputs
 part, so a near-tie can be told from a bug.
 
@@ -152,14 +153,16 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str, backend: str | None) -> dict:
+def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str, backend: str | None,
+                    decode_steps: int = 1) -> dict:
     from engine import LLM, SamplingParams
 
     os.environ["PREFIX_SERVE_CUDA_GRAPHS"] = graphs
     start = time.perf_counter()
     # a 256-token budget chunks the long prompt over three steps, mixed with the others' decodes (eager steps)
     llm = LLM(model=str(zoo["model"]), device=device, dtype="float32", skip_tokenizer_init=True, block_size=16,
-              num_kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=256, attention_backend=backend)
+              num_kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=256, attention_backend=backend,
+              decode_steps=decode_steps)
     init_s = time.perf_counter() - start
     try:
         for name, path in zoo["adapters"].items():
@@ -169,6 +172,7 @@ def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str
         got = [o.outputs[0].token_ids for o in outs]
         llm.check_integrity()
         stats = llm.engine.executor.worker.runner.graph_stats
+        decode_run_steps = llm.engine.stats.decode_run_steps
     finally:
         llm.shutdown()
         del llm
@@ -181,13 +185,16 @@ def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str
             mismatches.append({"prompt": i, "prefix": PREFIXES[i], "first_diff": at, "referee_top2_gap": gap,
                                "got": g, "expected": e})
     result = {"exact": len(got) - len(mismatches), "total": len(got), "mismatches": mismatches,
-              "init_seconds": round(init_s, 2), "seconds": round(time.perf_counter() - start, 2)}
+              "init_seconds": round(init_s, 2), "seconds": round(time.perf_counter() - start, 2),
+              "decode_run_steps": decode_run_steps}
     if stats is not None:
         result.update(graph_steps=stats.graph_steps, eager_steps=stats.eager_steps,
                       captured=[list(k) for k in stats.captured], failed={str(k): v for k, v in stats.failed.items()},
                       capture_seconds=round(stats.capture_seconds, 2))
     if graphs == "on" and not result.get("graph_steps"):
         result["warning"] = "CUDA graphs were requested but no decode step ran as a graph"
+    if decode_steps > 1 and not decode_run_steps:
+        result["warning"] = "decode runs were requested but none ran"
     return result
 
 
@@ -225,18 +232,20 @@ def run_engine(out: str | None, device: str, archs: list[str], deadline: float, 
             print(f"FAIL engine parity {arch}: building models or referee: {_reason(exc)}")
             results.put(f"{arch}", f"FAIL: {_reason(exc)}")
             continue
-        for graphs in ("off", "on"):
-            name = f"{arch} graphs={graphs}"
+        # one forward per engine step, eager and as graphs; then decode runs of up to 8 forwards (the CUDA default)
+        for graphs, decode_steps in (("off", 1), ("on", 1), ("on", 8)):
+            name = f"{arch} graphs={graphs}" + (f" runs={decode_steps}" if decode_steps > 1 else "")
             if time.monotonic() > deadline:
                 print(f"SKIP engine parity {name}: out of time")
                 results.put(name, "SKIP: out of time")
                 continue
             try:
-                result = run_engine_case(zoo, prompts, expected, gaps, device, graphs, backend)
+                result = run_engine_case(zoo, prompts, expected, gaps, device, graphs, backend, decode_steps)
                 verdict = "ok" if result["exact"] == result["total"] else "FAIL"
                 extra = (f", graph steps {result['graph_steps']}, eager steps {result['eager_steps']}, "
                          f"captured {len(result['captured'])}, failed {len(result['failed'])}"
                          if "graph_steps" in result else "")
+                extra += f", forwards in decode runs {result['decode_run_steps']}" if decode_steps > 1 else ""
                 print(f"  {verdict} {name}: {result['exact']}/{result['total']} token-exact "
                       f"({result['seconds']} s{extra})", flush=True)
                 for m in result["mismatches"]:

@@ -44,3 +44,33 @@ def test_scaling_workload_reports_every_configuration_and_the_paired_run(tiny_zo
 def test_repeat_below_one_is_refused_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="--repeat must be at least 1"):
         _run(tmp_path, "--workload", "mixed", "--repeat", "0")
+
+
+def test_gpu_bench_small_on_cpu_runs_ours_with_decode_runs_and_the_summary(tmp_path):
+    """The GPU script's parts on a tiny model on CPU (`--small`): checks the script, not a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+
+    def part(*argv):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", *argv], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    part("setup", "--small", "--device", "cpu", "--dir", str(work), "--out", str(out / "setup.json"))
+    part("ours", "--small", "--device", "cpu", "--dir", str(work), "--out", str(out / "ours.json"),
+         "--decode-steps", "4")
+    ours = json.loads((out / "ours.json").read_text())
+    run = ours["run"]
+    assert run["tokens"] == 24 * 8 and run["decode_steps"] == 4
+    assert run["forwards"] > run["steps"]  # some engine steps ran several forwards
+    assert ours["kernel_profile"]["top"] and ours["step_b256"]["eager_ms"] > 0
+    table = part("summary", "--results", str(out))
+    assert "decode runs <= 4" in table and "kernels of one eager decode step" in table

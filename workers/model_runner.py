@@ -202,7 +202,7 @@ class ModelRunner:
         rows = torch.tensor(step.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return logits.index_select(0, rows)
 
-    def _execute_eager(self, step: StepInputs, input_ids: torch.Tensor | None) -> torch.Tensor:
+    def _execute_eager(self, step: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         num_seqs = len(step.query_lens)
         width = max(map(len, step.block_tables))
         query_start_loc = list(itertools.accumulate(step.query_lens, initial=0))
