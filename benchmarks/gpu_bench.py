@@ -7,9 +7,10 @@
     PYTHONPATH=. python -m benchmarks.gpu_bench summary --results RESULTS_DIR    # the table (no torch needed)
 
 Model: a random-weight Llama, hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocabulary 32000,
-bf16: 1.10 B parameters, the issue's "about 1.1B" (DESIGN's 2.2 GB of weights). Workload (ours): 1,024 requests over 256 PEFT prefixes of P=32 virtual tokens (random adapters in PEFT's
-format), prompts of 128 tokens, 128 new tokens each (ignore_eos), greedy. Every prefix is loaded once during the
-warm-up, so the timed run is steady-state serving with the prefixes resident (the load times are reported).
+bf16: 1.10 B parameters, the issue's "about 1.1B" (DESIGN's 2.2 GB of weights). Workload (ours): 1,024
+requests over 256 PEFT prefixes of P=32 virtual tokens (random adapters in PEFT's format), prompts of 128
+tokens, 128 new tokens each (ignore_eos), greedy. Every prefix is loaded once during the warm-up, so the timed
+run is steady-state serving with the prefixes resident (the load times are reported).
 `ours --decode-steps K` sets the engine's decode runs (default: the engine's, 8 on CUDA); `ours` also profiles
 one decode step's kernels (device time by kernel, grouped into GEMMs, attention and the rest).
 
@@ -271,7 +272,8 @@ def _engine_info(llm, start: float) -> dict:
     info = {"init_seconds": round(time.perf_counter() - start, 1), "attention_backend": engine.attention_backend,
             "num_blocks": worker.kv_cache.num_blocks, "kv_cache_gb": round(kv.numel() * kv.element_size() / 1e9, 1),
             "weight_bytes": weight_bytes_read_per_step(worker.runner.model),
-            "kv_bytes_per_token": spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * kv.element_size()}
+            "kv_bytes_per_token": spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * kv.element_size(),
+            "fused_layers": worker.runner.fused.ops.name if worker.runner.fused is not None else None}
     if kv.is_cuda:
         info["gpu_total_gb"] = round(torch.cuda.mem_get_info()[1] / 1e9, 1)
     if stats is not None:
@@ -297,6 +299,8 @@ def part_ours(args, work: Workload) -> int:
             print(f"FAIL copy bandwidth: {_reason(exc)}")
             results.put("copy_bandwidth_error", _reason(exc))
 
+    if args.fused_layers:
+        os.environ["PREFIX_SERVE_FUSED_LAYERS"] = args.fused_layers
     start = time.perf_counter()
     llm = LLM(model=str(model_dir), device=device, dtype=_dtype(device), skip_tokenizer_init=True, block_size=16,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -570,8 +574,10 @@ def _throughput_rows(results_dir: Path) -> list[tuple[str, str, str]]:
     if ours_tok_s:
         graphs = (f"{run['graph_steps']} graph / {run['eager_steps']} eager forwards" if "graph_steps" in run
                   else "no CUDA graphs")
+        fused = ours.get("engine", {}).get("fused_layers")
         rows.append((f"ours: {work.requests} req over {work.num_prefixes} prefixes, B<={ours.get('max_num_seqs')}",
-                     f"{ours_tok_s:,.0f} tok/s", f"decode runs <= {run.get('decode_steps', '?')}; {graphs}"))
+                     f"{ours_tok_s:,.0f} tok/s", f"decode runs <= {run.get('decode_steps', '?')}; fused layers: "
+                     f"{fused or 'off'}; {graphs}"))
     else:
         rows.append(("ours", "no result", "FAIL"))
     peft, cb = _load(results_dir, "peft"), _load(results_dir, "cb")
@@ -613,15 +619,26 @@ def _throughput_rows(results_dir: Path) -> list[tuple[str, str, str]]:
         rows.append(("wall time per forward in the timed run", f"{run['ms_per_forward']:.3f} ms",
                      f"{run.get('tokens_per_forward')} tok/forward; worker {run.get('worker_share', 0):.0%}, "
                      f"runner {run.get('runner_share', 0):.0%} of wall time"))
-    profile = ours.get("kernel_profile")
-    if isinstance(profile, dict):
-        classes = ", ".join(f"{k} {v:.2f}" for k, v in sorted(profile["by_class"].items(), key=lambda kv: -kv[1]))
-        rows.append((f"kernels of one eager decode step, B={profile['batch']}",
-                     f"{profile['kernels_per_step']:.0f} kernels", f"{profile['device_ms']:.3f} ms: {classes} ms"))
+    plain = _load(results_dir, "ours_plain")
+    for label, data in (("", ours), (" (HF layers)", plain)):
+        profile = data.get("kernel_profile")
+        if isinstance(profile, dict):
+            classes = ", ".join(f"{k} {v:.2f}" for k, v in sorted(profile["by_class"].items(), key=lambda kv: -kv[1]))
+            rows.append((f"kernels of one eager decode step{label}, B={profile['batch']}",
+                         f"{profile['kernels_per_step']:.0f} kernels", f"{profile['device_ms']:.3f} ms: {classes} ms"))
     one = _load(results_dir, "ours1").get("run", {})
     if one.get("tok_s"):
         note = f"decode runs gain {ours_tok_s / one['tok_s']:.2f}x" if ours_tok_s else ""
         rows.append(("ours with decode_steps=1 (a forward per step)", f"{one['tok_s']:,.0f} tok/s", note))
+    plain_run = plain.get("run", {})
+    if plain_run.get("tok_s"):
+        note = f"fused layers gain {one['tok_s'] / plain_run['tok_s']:.2f}x" if one.get("tok_s") else ""
+        rows.append(("ours, decode_steps=1 and HF layers (earlier engine)", f"{plain_run['tok_s']:,.0f} tok/s",
+                     note))
+        step = plain.get(f"step_b{batch}")
+        if isinstance(step, dict) and step.get("graph_replay_ms") and isinstance(timing, dict):
+            rows.append((f"one decode step B={batch}, HF layers: graph replay", f"{step['graph_replay_ms']:.3f} ms",
+                         f"fused: {timing.get('graph_replay_ms', float('nan')):.3f} ms"))
     extra = _load(results_dir, "ours512").get("run", {})
     if extra.get("tok_s"):
         note = ""
@@ -661,6 +678,8 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=None,
                         help="ours: the engine's decode_steps (default: the engine's own, 8 on CUDA)")
+    parser.add_argument("--fused-layers", choices=["auto", "on", "off"], default=None,
+                        help="ours: PREFIX_SERVE_FUSED_LAYERS (default: the environment's, else auto: on for CUDA)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="ours: skip the kernel profile of one decode step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -14,8 +14,11 @@
 #                to 8 forwards, the CUDA default), step timings, a kernel profile         ~60 s
 #   5. peft      PEFT generate, one prefix, batch 256                                      ~30 s
 #   6. cb        transformers generate_batch, 512 requests, no prefix                     ~60 s
-#   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain    ~50 s
-#   8. ours512   ours again with max_num_seqs=512, only if time is left
+#   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  ~40 s
+#   8. ours_plain  decode_steps=1 and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off): the engine of the
+#                earlier runs, for the fused layers' gain; with its own kernel profile       ~40 s
+#   9. ours512   ours again with max_num_seqs=512, only if time is left
+# Parts 7-9 run only while time is left.
 # Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
 # GPU_BENCH_LAYERS (the benchmark model's layer count, default 16).
 set -u
@@ -76,6 +79,10 @@ run_part cb 120 "$PY" -m benchmarks.gpu_bench cb --dir "$WORK" --out "$OUT/cb.js
 if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
   run_part ours1 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours1.json" --max-num-seqs 256 \
     --decode-steps 1 --no-profile
+fi
+if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
+  run_part ours_plain 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours_plain.json" \
+    --max-num-seqs 256 --decode-steps 1 --fused-layers off
 fi
 if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
   run_part ours512 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours512.json" --max-num-seqs 512 \

@@ -13,11 +13,9 @@ sequence's length or through a padded table entry fails loudly.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the interpreter subprocess runs this file as a script
     sys.path.insert(0, str(REPO_ROOT))
+
+from interpreter import run_under_triton_interpreter  # noqa: E402
 
 from workers.attention import AttentionMetadata, write_kv  # noqa: E402
 from workers.attention.torch_ref import TorchPagedAttention  # noqa: E402
@@ -138,13 +138,7 @@ def _triton_interpreter_errors(case_names: list[str]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def triton_interpreter_results():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, __file__, "--triton-interpreter", *(c.name for c in CASES)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_under_triton_interpreter(__file__, "--triton-interpreter", *(c.name for c in CASES))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

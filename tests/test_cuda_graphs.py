@@ -170,13 +170,15 @@ print(json.dumps({"got": [o.outputs[0].token_ids for o in outs], "expected": exp
                   "captured": [list(k) for k in stats.captured], "graph_steps": stats.graph_steps,
                   "eager_steps": stats.eager_steps, "failed": len(stats.failed),
                   "decode_run_steps": llm.engine.stats.decode_run_steps,
+                  "fused_ops": getattr(worker.runner.fused, "ops", None) and worker.runner.fused.ops.name,
                   "scratch_written": bool(cache[:, :, scratch].abs().sum() > 0)}))
 """
 
 
-def _emulated_graph_run(entry, decode_steps: int) -> dict:
+def _emulated_graph_run(entry, decode_steps: int, fused: str = "off") -> dict:
     zoo = {"model": str(entry["model"]), "adapters": {k: str(v) for k, v in entry["adapters"].items()}}
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PREFIX_SERVE_CUDA_GRAPHS": "on"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PREFIX_SERVE_CUDA_GRAPHS": "on",
+           "PREFIX_SERVE_FUSED_LAYERS": fused}
     proc = subprocess.run([sys.executable, "-c", _EMULATED_GRAPH_CHILD, str(REPO_ROOT), json.dumps(zoo),
                            str(decode_steps)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,12 +192,14 @@ def test_graph_decode_path_matches_peft_forward_with_mixed_prefixes(tiny_zoo, ar
     assert [k[0] for k in result["captured"]] == [8, 4, 2, 1]
     assert result["graph_steps"] >= 10 and result["failed"] == 0
     assert result["scratch_written"]  # padding rows went to the scratch block
-    assert result["decode_run_steps"] == 0
+    assert result["decode_run_steps"] == 0 and result["fused_ops"] is None
 
 
 def test_graph_decode_runs_feed_tokens_on_the_device_and_match_peft_forward(tiny_zoo):
-    """Decode runs through the graph path: each replay's input ids are the previous replay's argmax."""
-    result = _emulated_graph_run(tiny_zoo("llama"), decode_steps=4)
+    """Decode runs through the graph path: each replay's input ids are the previous replay's argmax. With the
+    fused layers' Triton kernels, as on a GPU."""
+    result = _emulated_graph_run(tiny_zoo("llama"), decode_steps=4, fused="on")
+    assert result["fused_ops"] == "triton"
     assert result["got"] == result["expected"]
     assert result["decode_run_steps"] >= 4 and result["graph_steps"] >= 10 and result["failed"] == 0
 

@@ -115,3 +115,14 @@ def test_decode_run_discards_tokens_after_a_stop_token(tiny_zoo):
     assert llm.engine.stats.decode_run_steps > 0
     assert llm.engine.stats.generation_tokens == sum(map(len, cut))
     llm.check_integrity()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_decoder_layers_match_peft_forward(tiny_zoo, arch, monkeypatch):
+    """The fused forward (workers/fused_decoder.py; on CPU with torch ops) against the referee; GPT-2 keeps
+    Hugging Face's forward."""
+    monkeypatch.setenv("PREFIX_SERVE_FUSED_LAYERS", "on")
+    entry = tiny_zoo(arch)
+    llm, got = _run(entry, block_size=4)
+    assert (llm.engine.executor.worker.runner.fused is None) == (arch == "gpt2")
+    assert got == _expected(entry)

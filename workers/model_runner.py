@@ -21,6 +21,7 @@ import torch
 from engine.model_loader import ModelSpec
 from workers.attention import AttentionBackend, AttentionMetadata, get_backend_class, write_kv
 from workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, GraphStats, host_int32
+from workers.fused_decoder import make_fused_decoder
 from workers.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "prefix_serve"
@@ -38,12 +39,18 @@ class StepContext:
     backend: AttentionBackend
 
 
+def attend(step: StepContext, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+           value: torch.Tensor) -> torch.Tensor:
+    """Write the step's new K/V ([N, KVH, D]) into the cache, then attend: query [N, H, D] -> [N, H, D]."""
+    key_cache, value_cache = step.kv_cache.layer(layer_idx)
+    write_kv(key_cache, value_cache, key, value, step.meta.slot_mapping)
+    return step.backend.forward(query, key_cache, value_cache, step.meta)
+
+
 def _paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention hook. query [1, H, N, D], key/value [1, KVH, N, D] -> ([1, N, H, D], None)."""
-    step: StepContext = kwargs[_STEP_KWARG]
-    key_cache, value_cache = step.kv_cache.layer(module.layer_idx)
-    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), step.meta.slot_mapping)
-    out = step.backend.forward(query[0].transpose(0, 1), key_cache, value_cache, step.meta)  # [N, H, D]
+    out = attend(kwargs[_STEP_KWARG], module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                 value[0].transpose(0, 1))
     return out.unsqueeze(0), None
 
 
@@ -138,9 +145,11 @@ def flatten_tables(block_tables: list[list[int]], width: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, spec: ModelSpec, kv_cache: KVCache, backend_name: str,
-                 scratch_block: int | None = None, cuda_graphs: CudaGraphConfig | None = None):
+                 scratch_block: int | None = None, cuda_graphs: CudaGraphConfig | None = None,
+                 fused_layers: str | None = None):
         """`scratch_block`: a cache block that no sequence owns, where padding rows of a CUDA-graph batch write;
-        without one, every step runs eagerly. `cuda_graphs`: None reads the PREFIX_SERVE_CUDA_GRAPHS* variables."""
+        without one, every step runs eagerly. `cuda_graphs`: None reads the PREFIX_SERVE_CUDA_GRAPHS* variables.
+        `fused_layers`: auto|on|off, None reads PREFIX_SERVE_FUSED_LAYERS (`workers.fused_decoder`)."""
         self.model = model
         self.spec = spec
         self.kv_cache = kv_cache
@@ -149,6 +158,7 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         scale = spec.head_dim ** -0.5
         self.backend = get_backend_class(backend_name)(spec.num_heads, spec.num_kv_heads, spec.head_dim, scale)
+        self.fused = make_fused_decoder(model, self.device, fused_layers)
         self.graphs = self._make_graphs(cuda_graphs or CudaGraphConfig.from_env(), scratch_block)
 
     def _make_graphs(self, config: CudaGraphConfig, scratch_block: int | None) -> DecodeGraphs | None:
@@ -171,8 +181,11 @@ class ModelRunner:
                  rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [N] -> fp32 logits of `rows` (all rows when None)."""
         ctx = StepContext(meta, self.kv_cache, self.backend)
-        hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
-                              **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
+        if self.fused is not None:
+            hidden = self.fused.forward(input_ids, positions, lambda i, q, k, v: attend(ctx, i, q, k, v))
+        else:
+            hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                                  **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
         if rows is not None:
             hidden = hidden.index_select(0, rows)
         return self.lm_head(hidden).float().contiguous()  # CPU linears may return a transposed view

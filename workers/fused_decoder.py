@@ -1,0 +1,161 @@
+"""A fused forward for Llama-family decoders (Llama, Mistral, Qwen2), over the Hugging Face model's own weights.
+
+Hugging Face's decoder layer runs about 40 kernels per layer in a decode step: three projections for q, k and v,
+two for gate and up, and long chains of small element-wise kernels for the norms, the rotary embedding and the
+activation. The same layer here is about 11 kernels:
+
+    add + RMSNorm -> QKV projection (one GEMM) -> rotary, in place -> K/V write -> paged attention
+    -> output projection -> add + RMSNorm -> gate/up projection (one GEMM) -> SiLU * up -> down projection
+
+The q/k/v and gate/up weights are concatenated once at start-up and the modules' own parameters become views of
+the concatenation, so no weight is held twice. The element-wise ops come from `workers.fused_ops` (Triton
+kernels on GPUs, Hugging Face's torch formulas elsewhere). Everything else (embedding, rotary cos/sin, the final
+norm's weight, the LM head) is the model's own module, so rope scaling variants and tied embeddings behave as in
+Hugging Face.
+
+`PREFIX_SERVE_FUSED_LAYERS=auto|on|off` (default auto: on for CUDA devices; on a CPU, `on` runs the torch ops,
+which tests use). A model that does not fit (another architecture, biases on only some projections, an
+activation other than SiLU, partial rotary, a head size that is not a power of two) keeps Hugging Face's
+forward, with the reason logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from workers.fused_ops import TorchOps, TritonOps, triton_usable
+
+logger = logging.getLogger("prefix_serve.fused_decoder")
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# attend(layer_idx, q [N, H, D], k [N, KVH, D], v [N, KVH, D]) -> [N, H, D]: writes K/V, attends over the cache
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fused_mode_from_env() -> str:
+    mode = os.environ.get("PREFIX_SERVE_FUSED_LAYERS", "auto").strip().lower()
+    mode = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(mode, mode)
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"PREFIX_SERVE_FUSED_LAYERS must be auto, on or off, got {mode!r}.")
+    return mode
+
+
+def _concat_into_views(modules: list[torch.nn.Linear], name: str) -> torch.Tensor | None:
+    """Concatenate the modules' `name` tensors along dim 0 and make each module's parameter a view into it."""
+    tensors = [getattr(m, name) for m in modules]
+    if all(t is None for t in tensors):
+        return None
+    merged = torch.cat([t.detach() for t in tensors]).contiguous()
+    start = 0
+    for module, tensor in zip(modules, tensors):
+        rows = tensor.shape[0]
+        setattr(module, name, torch.nn.Parameter(merged[start:start + rows], requires_grad=False))
+        start += rows
+    return merged
+
+
+@dataclass
+class _Layer:
+    index: int
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.nn.Linear
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_proj: torch.nn.Linear
+
+
+class FusedDecoder:
+    def __init__(self, model, use_triton: bool):
+        decoder = model.model
+        config = model.config
+        self.ops = TritonOps if use_triton else TorchOps
+        self.embed_tokens = decoder.embed_tokens
+        self.rotary_emb = decoder.rotary_emb
+        self.norm = decoder.norm
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = []
+        for i, layer in enumerate(decoder.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                index=i, in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                eps=layer.input_layernorm.variance_epsilon,
+                qkv_weight=_concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj], "weight"),
+                qkv_bias=_concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj], "bias"),
+                o_proj=attn.o_proj,
+                gate_up_weight=_concat_into_views([mlp.gate_proj, mlp.up_proj], "weight"),
+                gate_up_bias=_concat_into_views([mlp.gate_proj, mlp.up_proj], "bias"),
+                down_proj=mlp.down_proj))
+
+    @staticmethod
+    def unsupported_reason(model) -> str | None:
+        """Why this model cannot take the fused forward, or None when it can."""
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            return f"model type {config.model_type!r} (fused layers cover {', '.join(SUPPORTED_MODEL_TYPES)})"
+        if getattr(config, "hidden_act", "silu") != "silu":
+            return f"activation {config.hidden_act!r} (fused layers need silu)"
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if head_dim & (head_dim - 1) or head_dim < 4:
+            return f"head size {head_dim} is not a power of two"
+        rope = getattr(config, "rope_parameters", None) or {}
+        if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+            return "partial rotary embedding"
+        decoder = getattr(model, "model", None)
+        if decoder is None or not hasattr(decoder, "rotary_emb"):
+            return "the decoder has no shared rotary embedding module"
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+                if len({m.bias is None for m in group}) > 1:
+                    return "biases on some of the projections that would be fused, not all"
+            if not (hasattr(layer.input_layernorm, "variance_epsilon")
+                    and hasattr(layer.post_attention_layernorm, "variance_epsilon")):
+                return "norms are not RMSNorm"
+        return None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """input_ids, positions [N] -> final hidden states [N, hidden] (after the model's last norm)."""
+        ops = self.ops
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(x, positions[None])
+        cos, sin = cos[0], sin[0]  # [N, head_dim]
+        n = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        residual = None
+        for layer in self.layers:
+            h, residual = ops.add_rmsnorm(x, residual, layer.in_norm, layer.eps)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(n, self.num_heads, self.head_dim)
+            k = k.view(n, self.num_kv_heads, self.head_dim)
+            q, k = ops.rope(q, k, cos, sin)
+            out = attend(layer.index, q, k, v.view(n, self.num_kv_heads, self.head_dim))
+            x = layer.o_proj(out.reshape(n, q_size))
+            h, residual = ops.add_rmsnorm(x, residual, layer.post_norm, layer.eps)
+            x = layer.down_proj(ops.silu_mul(F.linear(h, layer.gate_up_weight, layer.gate_up_bias)))
+        return ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
+
+
+def make_fused_decoder(model, device: torch.device, mode: str | None = None) -> FusedDecoder | None:
+    """The fused forward for `model` when the mode and the model allow it, else None (Hugging Face's forward)."""
+    mode = mode or fused_mode_from_env()
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    reason = FusedDecoder.unsupported_reason(model)
+    if reason is not None:
+        logger.warning("Fused decoder layers unavailable, using Hugging Face's forward: %s", reason)
+        return None
+    return FusedDecoder(model, use_triton=triton_usable(device))

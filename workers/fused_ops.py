@@ -1,0 +1,169 @@
+"""The element-wise parts of a Llama-family decoder layer, each one kernel: residual add + RMSNorm, rotary
+embedding (in place), and SiLU(gate) * up.
+
+Hugging Face's modules run these as chains of small kernels (an RMSNorm is six or seven, a rotary embedding
+about ten for q and k). A decode step at batch 256 moves little data through each, so on a GPU their count,
+not their bytes, costs time. Each op here has two implementations with the same contract:
+- `TorchOps`: Hugging Face's own formulas in torch (CPU, and the reference in tests);
+- `TritonOps`: one Triton kernel per op (CUDA; CPU tensors under TRITON_INTERPRET=1, for tests).
+The Triton kernels round to the model dtype where Hugging Face's chain of torch ops does, so bf16 results match
+it closely and fp32 results to the last bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: TorchOps serve everywhere
+    triton = None
+    tl = None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether TritonOps can run on tensors of `device` here."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [N, hidden] -> (RMSNorm(residual + x) * weight, residual + x). No residual: x alone."""
+        if residual is not None:
+            x = residual + x
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(dtype), x
+
+    @staticmethod
+    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [N, H, D], k [N, KVH, D], cos and sin [N, D] (halves repeated) -> rotated q, k."""
+        cos, sin = cos[:, None, :], sin[:, None, :]
+
+        def rotate_half(x: torch.Tensor) -> torch.Tensor:
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [N, 2I] (gate first) -> SiLU(gate) * up [N, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+                            stride_x, stride_r, stride_o, stride_ro,
+                            HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)  # rounded like torch's add
+            tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+        normed = (h * rstd).to(x.dtype)  # Hugging Face rounds before the weight multiply
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype),
+                 mask=mask)
+
+    @triton.jit
+    def _rope_heads(ptr, stride_n, stride_h, tok, num_heads, c1, c2, s1, s2,
+                    HALF: tl.constexpr, HEADS: tl.constexpr):
+        heads = tl.arange(0, HEADS)
+        dims = tl.arange(0, HALF)
+        mask = heads[:, None] < num_heads
+        p = ptr + tok * stride_n + heads[:, None] * stride_h + dims[None, :]
+        x1 = tl.load(p, mask=mask, other=0.0)
+        x2 = tl.load(p + HALF, mask=mask, other=0.0)
+        dtype = x1.dtype
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], each product and the sum rounded
+        o1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        o2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        tl.store(p, o1, mask=mask)
+        tl.store(p + HALF, o2, mask=mask)
+
+    @triton.jit
+    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qn, stride_qh, stride_kn, stride_kh, stride_c,
+                     num_q_heads, num_k_heads, HALF: tl.constexpr, Q_HEADS: tl.constexpr,
+                     K_HEADS: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)
+        dims = tl.arange(0, HALF)
+        c1 = tl.load(cos_ptr + tok * stride_c + dims).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + tok * stride_c + HALF + dims).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + tok * stride_c + dims).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + tok * stride_c + HALF + dims).to(tl.float32)[None, :]
+        _rope_heads(q_ptr, stride_qn, stride_qh, tok, num_q_heads, c1, c2, s1, s2, HALF, Q_HEADS)
+        _rope_heads(k_ptr, stride_kn, stride_kh, tok, num_k_heads, c1, c2, s1, s2, HALF, K_HEADS)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
+        u = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # SiLU, rounded like torch's
+        tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+class TritonOps:
+    name = "triton"
+
+    @staticmethod
+    def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x if x.stride(1) == 1 else x.contiguous()  # rows may be strided, columns must not be
+        if residual is not None and residual.stride(1) != 1:
+            residual = residual.contiguous()
+        n, cols = x.shape
+        out = torch.empty((n, cols), dtype=x.dtype, device=x.device)
+        res_out = torch.empty_like(out) if residual is not None else x
+        block = triton.next_power_of_2(cols)
+        res = residual if residual is not None else x
+        _add_rmsnorm_kernel[(n,)](x, res, weight, out, res_out, cols, eps, x.stride(0), res.stride(0),
+                                  out.stride(0), res_out.stride(0), HAS_RESIDUAL=residual is not None,
+                                  BLOCK=block, num_warps=8 if block >= 4096 else 4)
+        return out, res_out
+
+    @staticmethod
+    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place: q and k may be strided views (of one fused QKV projection); their last dim contiguous."""
+        n, num_q, dim = q.shape
+        assert q.stride(2) == k.stride(2) == 1 and cos.stride(1) == sin.stride(1) == 1
+        assert cos.stride(0) == sin.stride(0) and dim % 2 == 0 and (dim & (dim - 1)) == 0
+        _rope_kernel[(n,)](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+                           num_q, k.shape[1], HALF=dim // 2, Q_HEADS=triton.next_power_of_2(num_q),
+                           K_HEADS=triton.next_power_of_2(k.shape[1]), num_warps=4)
+        return q, k
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = gate_up if gate_up.stride(1) == 1 else gate_up.contiguous()
+        n, cols = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty((n, cols), dtype=gate_up.dtype, device=gate_up.device)
+        block = 1024
+        _silu_mul_kernel[(n, triton.cdiv(cols, block))](gate_up, out, cols, gate_up.stride(0), out.stride(0),
+                                                        BLOCK=block, num_warps=4)
+        return out
