@@ -93,5 +93,48 @@ def test_fused_weights_are_views_of_one_concatenation_and_gpt2_is_not_fused(tiny
     assert make_fused_decoder(gpt2, torch.device("cpu"), "on") is None
 
 
+class _WrongRope(TorchOps):
+    @staticmethod
+    def rope(q, k, cos, sin):
+        return q, k  # forgets to rotate
+
+
+class _Crashing(TorchOps):
+    @staticmethod
+    def silu_mul(gate_up):
+        raise RuntimeError("no kernel image for this device")
+
+
+def test_startup_check_rejects_wrong_or_crashing_kernels_and_keeps_hugging_face_layers(tiny_zoo, monkeypatch,
+                                                                                         caplog):
+    import workers.fused_decoder as fused_decoder
+    from transformers import AutoModelForCausalLM
+
+    from workers.fused_decoder import check_ops
+
+    cpu = torch.device("cpu")
+    assert check_ops(TorchOps, cpu, torch.float32, 64, 4, 2, 16) is None
+    assert "rope" in check_ops(_WrongRope, cpu, torch.float32, 64, 4, 2, 16)
+    assert "no kernel image" in check_ops(_Crashing, cpu, torch.bfloat16, 64, 4, 2, 16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo("llama")["model"], dtype=torch.float32)
+    monkeypatch.setattr(fused_decoder, "triton_usable", lambda device: True)
+    monkeypatch.setattr(fused_decoder, "TritonOps", _WrongRope)
+    with caplog.at_level("WARNING", logger="prefix_serve.fused_decoder"):
+        assert make_fused_decoder(model, cpu, "on") is None
+    assert "start-up check" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_ops_on_cuda_match_the_torch_formulas(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from workers.fused_decoder import check_ops
+    from workers.fused_ops import TritonOps
+
+    for hidden, heads, kv_heads, head_dim in ((2048, 32, 8, 64), (896, 14, 2, 64), (4096, 32, 8, 128)):
+        assert check_ops(TritonOps, torch.device("cuda"), dtype, hidden, heads, kv_heads, head_dim) is None
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
     print(json.dumps(_op_errors()))

@@ -149,13 +149,49 @@ class FusedDecoder:
         return ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
 
 
+def check_ops(ops, device: torch.device, dtype: torch.dtype, hidden: int, num_heads: int, num_kv_heads: int,
+              head_dim: int) -> str | None:
+    """Run each op once at the model's shapes against TorchOps; the failure, or None when all agree."""
+    tolerance = 1e-4 if dtype == torch.float32 else 2 ** -5
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    def off(want, got) -> float:
+        return ((want.float() - got.float()).abs().max() / want.float().abs().max().clamp(min=1.0)).item()
+
+    try:
+        x, r, w = rand(3, hidden), rand(3, hidden), rand(hidden)
+        errors = {"add_rmsnorm": off(TorchOps.add_rmsnorm(x, r, w, 1e-6)[0], ops.add_rmsnorm(x, r, w, 1e-6)[0]),
+                  "silu_mul": off(TorchOps.silu_mul(x), ops.silu_mul(x))}
+        qkv = rand(3, (num_heads + 2 * num_kv_heads) * head_dim)
+        q = qkv[:, :num_heads * head_dim].view(3, num_heads, head_dim)
+        k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(3, num_kv_heads, head_dim)
+        cos, sin = rand(3, head_dim), rand(3, head_dim)
+        want_q, _ = TorchOps.rope(q.clone(), k.clone(), cos, sin)
+        errors["rope"] = off(want_q, ops.rope(q, k, cos, sin)[0])
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    bad = {name: err for name, err in errors.items() if not err <= tolerance}
+    return f"results differ from the torch formulas: {bad}" if bad else None
+
+
 def make_fused_decoder(model, device: torch.device, mode: str | None = None) -> FusedDecoder | None:
-    """The fused forward for `model` when the mode and the model allow it, else None (Hugging Face's forward)."""
+    """The fused forward for `model` when the mode and the model allow it, else None (Hugging Face's forward).
+    On a GPU the Triton kernels are first checked once against the torch formulas at the model's shapes."""
     mode = mode or fused_mode_from_env()
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
     reason = FusedDecoder.unsupported_reason(model)
+    use_triton = triton_usable(device)
+    if reason is None and use_triton:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        reason = check_ops(TritonOps, device, model.dtype, config.hidden_size, config.num_attention_heads,
+                           config.num_key_value_heads, head_dim)
+        reason = reason and f"the Triton kernels failed their start-up check: {reason}"
     if reason is not None:
         logger.warning("Fused decoder layers unavailable, using Hugging Face's forward: %s", reason)
         return None
-    return FusedDecoder(model, use_triton=triton_usable(device))
+    return FusedDecoder(model, use_triton=use_triton)
