@@ -397,9 +397,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "without a disk read (default: 1024 on GPUs, 0 on CPU, where the KV cache is host "
                              "memory already).")
     engine.add_argument("--decode-steps", type=int, default=None,
-                        help="Greedy decode steps run back to back on the device per engine step when nothing "
-                             "waiting could start; tokens then stream in groups of up to this many (default: 8 "
-                             "on GPUs, 1 on CPU).")
+                        help="Decode steps run back to back on the device per engine step when nothing waiting "
+                             "could start (not for requests with a seed); tokens then stream in groups of up to "
+                             "this many (default: 8 on GPUs, 1 on CPU).")
     parser.set_defaults(func=run)
     return parser
 

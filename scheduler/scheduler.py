@@ -8,9 +8,9 @@ its prefix already computed, so admitting it costs no prefill for the prefix.
 When the running sequences need more blocks than exist, the newest one is preempted: its blocks are freed and
 it is recomputed later from its tokens, which gives the same greedy output.
 
-Decode runs: when a step is pure greedy decode and nothing waiting could be admitted anyway, the step is
-stretched to `decode_steps` tokens per sequence. The worker then runs that many forwards back to back, each
-feeding the previous one's sampled tokens to the next on the device, and reports them together. This spreads the
+Decode runs: when a step is pure decode (greedy or unseeded sampling) and nothing waiting could be admitted
+anyway, the step is stretched to `decode_steps` tokens per sequence. The worker then runs that many forwards
+back to back, each fed the previous one's sampled tokens on the device, and reports them together. This spreads the
 host's per-step work (scheduling, messages, input packing, the wait for sampled tokens) over several tokens. A
 run never goes past a sequence's `max_tokens` or the context limit; a sequence that stops on a stop token inside
 a run has its later tokens discarded by the engine.
@@ -131,7 +131,7 @@ class Scheduler:
         return out
 
     def _stretch_decode(self, out: SchedulerOutput) -> None:
-        """Turn a pure greedy decode step into a run of up to `decode_steps` tokens per sequence (see above)."""
+        """Turn a pure decode step into a run of up to `decode_steps` tokens per sequence (see above)."""
         if (not out.scheduled or out.num_preempted or out.prefix_loads or out.copies
                 or (self.waiting and len(self.running) < self.config.max_num_seqs)):
             return
@@ -140,8 +140,9 @@ class Scheduler:
         for item in out.scheduled:
             seq = item.seq
             params = seq.request.params
-            if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or params.temperature != 0:
-                return
+            if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or (
+                    params.temperature != 0 and params.seed is not None):
+                return  # a seeded row draws from its own generator on the host, token by token
             steps = min(steps, params.max_tokens - (len(seq.token_ids) - len(seq.request.prompt_token_ids)))
             if max_len is not None:
                 steps = min(steps, max_len - seq.num_tokens)

@@ -89,3 +89,52 @@ def test_top_k_and_top_p_only_draw_allowed_tokens():
         assert top_k in (0, 1) and top_p in (0, 1)
     seen = {sample(logits, [SampleRow(1.0, 1.0, -1, seed, 0, 0)])[0][0] for seed in range(200)}
     assert seen == {0, 1, 2, 3}
+
+
+def _device_draws(logits_row, rows: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    from workers.sampler import sample_on_device
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor(logits_row)).repeat(rows, 1)
+    full = torch.full((rows,), 1.0)
+    return sample_on_device(logits, full * temperature, torch.full((rows,), top_k), full * top_p)
+
+
+def test_device_sampling_draws_the_filtered_distribution():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    counts = torch.bincount(_device_draws(probs, 20000, 1.0, -1, 1.0), minlength=4) / 20000
+    assert torch.allclose(counts, torch.tensor(probs), atol=0.015)
+    # temperature 2 flattens: p ~ sqrt(probs)
+    flat = torch.tensor(probs).sqrt() / torch.tensor(probs).sqrt().sum()
+    counts = torch.bincount(_device_draws(probs, 20000, 2.0, 0, 1.0), minlength=4) / 20000
+    assert torch.allclose(counts, flat, atol=0.015)
+    # top-k 2 renormalizes the first two; top-p 0.7 keeps 0.5 + 0.3 (the mass before 0.15 is 0.8 >= 0.7)
+    for draws in (_device_draws(probs, 20000, 1.0, 2, 1.0), _device_draws(probs, 20000, 1.0, -1, 0.7)):
+        counts = torch.bincount(draws, minlength=4) / 20000
+        assert torch.allclose(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015)
+    assert set(_device_draws(probs, 500, 1.0, -1, 0.4).tolist()) == {0}
+
+
+def test_device_sampling_rows_keep_their_own_settings():
+    from workers.sampler import sample_on_device
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
+    tokens = sample_on_device(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([-1, 1, -1]),
+                              torch.tensor([1.0, 1.0, 0.5]))
+    assert tokens.tolist() == [2, 0, 2]  # greedy; top-k 1; top-p 0.5 keeps only the 0.6 token
+
+
+def test_decode_runs_sample_unseeded_rows_and_leave_seeded_ones_reproducible(tiny_zoo):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, decode_steps=4)
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    outs = _tokens(llm, SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), [PROMPT] * 3)
+    assert llm.engine.stats.decode_run_steps > 0
+    assert all(len(t) == 12 for t in outs) and len({tuple(t) for t in outs}) > 1  # samples, not argmax
+    runs = llm.engine.stats.decode_run_steps
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    single = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4)
+    single.load_prefix("p5", str(entry["adapters"]["p5"]))
+    assert _tokens(llm, seeded) == _tokens(single, seeded)
+    assert llm.engine.stats.decode_run_steps == runs  # the seeded request ran step by step
+    llm.check_integrity()

@@ -71,12 +71,15 @@ def test_no_run_while_a_waiting_sequence_could_start():
     assert out.num_steps == 8 and {i.seq.seq_id for i in out.scheduled} == {0, 1}
 
 
-def test_no_run_for_sampled_sequences_or_without_free_blocks():
+def test_no_run_for_seeded_sampling_or_without_free_blocks():
     sched = _scheduler(decode_steps=8)
     _add(sched, 0, max_tokens=100)
     _add(sched, 1, max_tokens=100, temperature=0.8)
     _step(sched)
-    assert _step(sched).num_steps == 1
+    assert _step(sched).num_steps == 8  # unseeded sampling runs on the device
+    _add(sched, 2, max_tokens=100, temperature=0.8, seed=3)
+    _step(sched)
+    assert _step(sched).num_steps == 1  # a seeded row samples on the host, one token per step
     sched = _scheduler(decode_steps=8, num_blocks=4)
     _add(sched, 0, prompt_len=11, max_tokens=100)
     _step(sched)

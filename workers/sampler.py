@@ -2,6 +2,9 @@
 
 A seeded row draws from a generator seeded by (seed, sample index, output position), so its tokens do not
 depend on what else is in the batch, on preemption, or on which worker runs it.
+
+`sample_on_device` samples a whole batch of unseeded rows without reading anything back to the host, for decode
+runs (several forwards per engine step, each fed the previous one's tokens on the device).
 """
 
 from __future__ import annotations
@@ -65,3 +68,26 @@ def _filtered_probs(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs = probs / probs.sum()
     return probs
+
+
+def sample_on_device(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32; per row temperature [B] (0: greedy), top_k [B] (<= 0: off), top_p [B] -> tokens [B].
+
+    The same distribution as `_filtered_probs` (top-k keeps every logit tied with the k-th; top-p keeps the
+    smallest head whose mass reaches top_p), drawn by the exponential race (argmax of p / Exp(1) noise), which
+    samples from p exactly and needs no host sync. Unseeded: seeded rows go through `sample`.
+    """
+    greedy = logits.argmax(dim=-1)
+    vocab = logits.shape[-1]
+    scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = ordered.gather(1, (k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    probs = probs.masked_fill(drop, 0.0)
+    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
+    sampled = order.gather(1, choice)[:, 0]
+    return torch.where(temperature > 0, sampled, greedy)

@@ -15,7 +15,7 @@ from engine.model_loader import ModelSpec
 from workers import messages
 from workers.kv_cache import HostPrefixCache, KVCache, read_prefix_kv
 from workers.model_runner import ModelRunner, StepInputs, load_model
-from workers.sampler import SampleRow, sample
+from workers.sampler import SampleRow, sample, sample_on_device
 
 
 @dataclass
@@ -162,10 +162,11 @@ class Worker:
 
 
     def _run_decode(self, scheduled: list[tuple[int, SeqState, int]], steps: int) -> list:
-        """A decode run (see scheduler.py): `steps` greedy forwards back to back, each one's input tokens the
-        previous one's argmax, which stays on the device. The host reads the tokens once, at the end."""
+        """A decode run (see scheduler.py): `steps` forwards back to back, each one's input tokens the previous
+        one's samples, which stay on the device. The host reads the tokens once, at the end."""
         block_size = self.config.block_size
         states = [state for _, state, _ in scheduled]
+        pick = self._run_sampler(states)
         tables = [state.table for state in states]
         starts = [state.computed for state in states]
         first_ids = [state.tokens[state.computed - state.prefix_len] for state in states]
@@ -176,7 +177,7 @@ class Worker:
             positions = [start + i for start in starts]
             slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)]
             step = StepInputs(first_ids, positions, slots, ones, [p + 1 for p in positions], tables, rows)
-            previous = self.runner.execute(step, input_ids=previous).argmax(dim=-1)
+            previous = pick(self.runner.execute(step, input_ids=previous))
             tokens.append(previous)
         per_seq = torch.stack(tokens, dim=1).tolist()  # the one device sync of the run
         results = []
@@ -185,6 +186,20 @@ class Worker:
             state.computed += steps
             results.append([seq_id, toks])
         return results
+
+
+    def _run_sampler(self, states: list[SeqState]):
+        """logits -> tokens on the device for a decode run: argmax when every row is greedy, else per-row
+        temperature / top-k / top-p (the scheduler puts no seeded sampling row in a run)."""
+        settings = [state.sampling for state in states]
+        if all(s["temperature"] == 0 for s in settings):
+            return lambda logits: logits.argmax(dim=-1)
+        assert all(s["seed"] is None or s["temperature"] == 0 for s in settings), "seeded row in a decode run"
+        device = self.runner.device
+        temperature = torch.tensor([s["temperature"] for s in settings], dtype=torch.float32).to(device)
+        top_k = torch.tensor([s["top_k"] for s in settings], dtype=torch.long).to(device)
+        top_p = torch.tensor([s["top_p"] for s in settings], dtype=torch.float32).to(device)
+        return lambda logits: sample_on_device(logits, temperature, top_k, top_p)
 
 
 def _sample_row(state: SeqState) -> SampleRow | None:
