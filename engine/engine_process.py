@@ -264,7 +264,8 @@ class EngineLoop:
                 "free_blocks": bm.num_free_blocks, "cached_blocks": bm.num_cached_blocks,
                 "used_blocks": bm.num_used_blocks, "block_tables": len(bm.tables),
                 "requests": len(engine.requests), "running": engine.num_running(), "waiting": engine.num_waiting(),
-                "resident_prefixes": len(bm.resident_prefixes()), "tracked": len(self._tracked)}
+                "resident_prefixes": len(bm.resident_prefixes()), "tracked": len(self._tracked),
+                "steps": engine.stats.steps, "decode_run_steps": engine.stats.decode_run_steps}
 
     def _free_retired_prefixes(self) -> None:
         # EngineCore frees an unloaded prefix's blocks when a request *finishes*, but not after an abort.

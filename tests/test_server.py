@@ -42,7 +42,8 @@ def launched(stack):
     proc = ServerProcess([str(stack["model"]), "--prefix-dir", str(stack["root"] / "prefixes"),
                           "--allowed-prefix-root", str(stack["root"] / "loadable"), "--served-model-name", BASE,
                           "--api-key", API_KEY, "--debug-endpoints", "--num-kv-blocks", str(NUM_KV_BLOCKS),
-                          "--max-num-seqs", "128", "--log-level", "WARNING"])
+                          "--max-num-seqs", "128", "--log-level", "WARNING",
+                          "--decode-steps", "4"])  # runs of 4 forwards on CPU too; `offline` runs one at a time
     yield proc
     code = proc.stop()
     assert code == proc.expected_exit_code, f"server exited with {code}:\n{proc.output()[-3000:]}"
@@ -142,7 +143,9 @@ def test_completions_equal_offline_generate_with_prefixes_mixed_streaming_and_no
             streamed = [stream_completion(ac, model=m, prompt=p, max_tokens=12, **GREEDY) for p, m in cases]
             return await asyncio.gather(asyncio.gather(*plain), asyncio.gather(*streamed))
 
+    runs_before = engine_state(server)["decode_run_steps"]
     plain, streamed = asyncio.run(run())
+    assert engine_state(server)["decode_run_steps"] > runs_before  # the server ran decode runs of 4
     for (prompt, model), want, got, (s_text, s_ids, s_finish, _) in zip(cases, expected, plain, streamed):
         choice = got.choices[0]
         assert choice.model_extra["token_ids"] == want.token_ids, (prompt, model)
