@@ -31,8 +31,8 @@ class EngineConfig:
 
     def resolved_decode_steps(self) -> int:
         if self.decode_steps is not None:
-            if self.decode_steps < 1:
-                raise ValueError(f"decode_steps must be at least 1, got {self.decode_steps}.")
+            if not isinstance(self.decode_steps, int) or isinstance(self.decode_steps, bool) or self.decode_steps < 1:
+                raise ValueError(f"decode_steps must be an integer of at least 1 (or None), got {self.decode_steps!r}.")
             return self.decode_steps
         return 8 if str(self.device).startswith("cuda") else 1
 

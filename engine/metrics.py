@@ -109,11 +109,15 @@ class RequestTimer:
         self.arrival = arrival
         self.last: float | None = None
 
-    def tokens(self, now: float) -> None:
+    def tokens(self, now: float, count: int = 1) -> None:
+        """An update that brought `count` new tokens per sample. Several at once (a decode run) count as that
+        many intervals, each an equal share of the time since the previous update."""
         if self.last is None:
             self.metrics.ttft.observe(max(0.0, now - self.arrival))
         else:
-            self.metrics.itl.observe(max(0.0, now - self.last))
+            share = max(0.0, now - self.last) / count
+            for _ in range(count):
+                self.metrics.itl.observe(share)
         self.last = now
 
     def finished(self, now: float) -> None:

@@ -90,8 +90,9 @@ class Generation:
                 self._unfinished.clear()
                 raise_for(update.error)
             timer = timers[update.request_id]
-            if any(s.token_ids for s in update.samples):
-                timer.tokens(update.time)
+            new_tokens = max((len(s.token_ids) for s in update.samples), default=0)
+            if new_tokens:
+                timer.tokens(update.time, new_tokens)
             if update.finished:
                 self._unfinished.discard(update.request_id)
                 timer.finished(update.time)
@@ -425,6 +426,8 @@ def run(args) -> int:
     for root in args.allowed_prefix_root:
         if not Path(root).is_dir():
             raise SystemExit(f"prefix-serve serve: --allowed-prefix-root {root!r} is not a directory.")
+    if args.decode_steps is not None and args.decode_steps < 1:
+        raise SystemExit(f"prefix-serve serve: --decode-steps must be at least 1, got {args.decode_steps}.")
     config = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,

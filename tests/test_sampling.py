@@ -91,13 +91,14 @@ def test_top_k_and_top_p_only_draw_allowed_tokens():
     assert seen == {0, 1, 2, 3}
 
 
-def _device_draws(logits_row, rows: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def _device_draws(logits_row, rows: int, temperature: float, top_k: int, top_p: float,
+                  filtered: bool = True) -> torch.Tensor:
     from workers.sampler import sample_on_device
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor(logits_row)).repeat(rows, 1)
     full = torch.full((rows,), 1.0)
-    return sample_on_device(logits, full * temperature, torch.full((rows,), top_k), full * top_p)
+    return sample_on_device(logits, full * temperature, torch.full((rows,), top_k), full * top_p, filtered)
 
 
 def test_device_sampling_draws_the_filtered_distribution():
@@ -106,8 +107,9 @@ def test_device_sampling_draws_the_filtered_distribution():
     assert torch.allclose(counts, torch.tensor(probs), atol=0.015)
     # temperature 2 flattens: p ~ sqrt(probs)
     flat = torch.tensor(probs).sqrt() / torch.tensor(probs).sqrt().sum()
-    counts = torch.bincount(_device_draws(probs, 20000, 2.0, 0, 1.0), minlength=4) / 20000
-    assert torch.allclose(counts, flat, atol=0.015)
+    for filtered in (True, False):  # False: no row uses top-k or top-p, so no sort
+        counts = torch.bincount(_device_draws(probs, 20000, 2.0, 0, 1.0, filtered), minlength=4) / 20000
+        assert torch.allclose(counts, flat, atol=0.015)
     # top-k 2 renormalizes the first two; top-p 0.7 keeps 0.5 + 0.3 (the mass before 0.15 is 0.8 >= 0.7)
     for draws in (_device_draws(probs, 20000, 1.0, 2, 1.0), _device_draws(probs, 20000, 1.0, -1, 0.7)):
         counts = torch.bincount(draws, minlength=4) / 20000

@@ -351,22 +351,28 @@ def test_metrics_counters_move_by_exactly_the_workload(server):
     for model, prompt, max_tokens, n in workload:
         sync.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, n=n,
                                 extra_body={"ignore_eos": True}, temperature=0.8, seed=1)
+    # alone and greedy: 1 token from the prefill step, then decode runs of 4, 4 and 3
+    runs_before = engine_state(server)["decode_run_steps"]
+    sync.completions.create(model="task3", prompt=[50, 51], max_tokens=12, extra_body={"ignore_eos": True},
+                            **GREEDY)
+    assert engine_state(server)["decode_run_steps"] - runs_before == 11
     after = scrape(server)
 
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta("prefix_serve_prompt_tokens_total") == 5 + 7 + 9 + 4
-    assert delta("prefix_serve_generation_tokens_total") == 6 + 6 + 6 + 3 * 2
-    assert delta("prefix_serve_requests_finished_total", reason="length") == 4
+    assert delta("prefix_serve_prompt_tokens_total") == 5 + 7 + 9 + 4 + 2
+    assert delta("prefix_serve_generation_tokens_total") == 6 + 6 + 6 + 3 * 2 + 12
+    assert delta("prefix_serve_requests_finished_total", reason="length") == 5
     assert delta("prefix_serve_requests_finished_total", reason="stop") == 0
     assert delta("prefix_serve_requests_finished_total", reason="abort") == 0
-    assert delta("prefix_serve_prefix_cache_hits_total") + delta("prefix_serve_prefix_cache_misses_total") == 3
-    assert delta("prefix_serve_time_to_first_token_seconds_count") == 4
-    assert delta("prefix_serve_e2e_request_latency_seconds_count") == 4
-    assert delta("prefix_serve_inter_token_latency_seconds_count") == 5 + 5 + 5 + 2
-    assert delta("prefix_serve_http_requests_total", route="/v1/completions", status="200") == 4
+    assert delta("prefix_serve_prefix_cache_hits_total") + delta("prefix_serve_prefix_cache_misses_total") == 4
+    assert delta("prefix_serve_time_to_first_token_seconds_count") == 5
+    assert delta("prefix_serve_e2e_request_latency_seconds_count") == 5
+    # one interval per token after the first, also for the tokens a decode run brings together
+    assert delta("prefix_serve_inter_token_latency_seconds_count") == 5 + 5 + 5 + 2 + 11
+    assert delta("prefix_serve_http_requests_total", route="/v1/completions", status="200") == 5
     assert delta("prefix_serve_prefix_load_seconds_count") == delta("prefix_serve_prefix_loads_total")
     assert delta("prefix_serve_engine_step_seconds_count") == delta("prefix_serve_engine_steps_total") > 0
     assert after[("prefix_serve_num_requests_running", ())] == 0

@@ -229,8 +229,20 @@ def test_serve_help_lists_its_options():
     sub = parser._subparsers._group_actions[0].choices["serve"]
     text = sub.format_help()
     for option in ("MODEL", "--prefix-dir", "--served-model-name", "--host", "--port", "--device", "--api-key",
-                   "--allowed-prefix-root", "--debug-endpoints", "--num-kv-blocks", "--executor"):
+                   "--allowed-prefix-root", "--debug-endpoints", "--num-kv-blocks", "--executor", "--decode-steps"):
         assert option in text, option
+    with pytest.raises(SystemExit, match="--decode-steps must be at least 1"):
+        server.run(parser.parse_args(["serve", "--decode-steps", "0"]))
+
+
+def test_decode_steps_setting_is_checked():
+    from engine.config import EngineConfig
+
+    assert EngineConfig(device="cuda").resolved_decode_steps() == 8
+    assert EngineConfig().resolved_decode_steps() == 1
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="decode_steps must be an integer"):
+            EngineConfig(decode_steps=bad).resolved_decode_steps()
 
 
 # ---- metric names: docs and dashboard agree with what the server exports ----------------------------------------

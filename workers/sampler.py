@@ -71,16 +71,21 @@ def _filtered_probs(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
 
 
 def sample_on_device(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                     top_p: torch.Tensor) -> torch.Tensor:
+                     top_p: torch.Tensor, filtered: bool = True) -> torch.Tensor:
     """logits [B, V] fp32; per row temperature [B] (0: greedy), top_k [B] (<= 0: off), top_p [B] -> tokens [B].
 
     The same distribution as `_filtered_probs` (top-k keeps every logit tied with the k-th; top-p keeps the
     smallest head whose mass reaches top_p), drawn by the exponential race (argmax of p / Exp(1) noise), which
-    samples from p exactly and needs no host sync. Unseeded: seeded rows go through `sample`.
+    samples from p exactly and needs no host sync. Unseeded: seeded rows go through `sample`. `filtered=False`
+    says no row uses top-k or top-p, which skips sorting the vocabulary.
     """
     greedy = logits.argmax(dim=-1)
     vocab = logits.shape[-1]
     scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    if not filtered:
+        probs = scaled.softmax(dim=-1)
+        sampled = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        return torch.where(temperature > 0, sampled, greedy)
     ordered, order = scaled.sort(dim=-1, descending=True)
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = ordered.gather(1, (k - 1)[:, None])

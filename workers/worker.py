@@ -199,7 +199,8 @@ class Worker:
         temperature = torch.tensor([s["temperature"] for s in settings], dtype=torch.float32).to(device)
         top_k = torch.tensor([s["top_k"] for s in settings], dtype=torch.long).to(device)
         top_p = torch.tensor([s["top_p"] for s in settings], dtype=torch.float32).to(device)
-        return lambda logits: sample_on_device(logits, temperature, top_k, top_p)
+        filtered = any(s["temperature"] != 0 and (s["top_k"] > 0 or s["top_p"] < 1) for s in settings)
+        return lambda logits: sample_on_device(logits, temperature, top_k, top_p, filtered)
 
 
 def _sample_row(state: SeqState) -> SampleRow | None:
