@@ -160,7 +160,6 @@ class Worker:
             results.append([seq_id, toks])
         return results
 
-
     def _run_decode(self, scheduled: list[tuple[int, SeqState, int]], steps: int) -> list:
         """A decode run (see scheduler.py): `steps` forwards back to back, each one's input tokens the previous
         one's samples, which stay on the device. The host reads the tokens once, at the end."""
@@ -186,7 +185,6 @@ class Worker:
             state.computed += steps
             results.append([seq_id, toks])
         return results
-
 
     def _run_sampler(self, states: list[SeqState]):
         """logits -> tokens on the device for a decode run: argmax when every row is greedy, else per-row
