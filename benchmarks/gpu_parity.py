@@ -7,11 +7,12 @@ kernels: every fast attention backend against TorchPagedAttention on the shapes 
 tolerances; one fp16 and one fp32 case), checks only, no timing.
 engine: greedy outputs of the engine on random-weight Llama and Qwen2 models with mixed prefixes (P = 5, 8 with
 a projection, 16, and no prefix), against the referee of DESIGN section 1: PeftModel.forward over the whole
-sequence at every step, argmax. fp32 with TF32 off, so the comparison is token for token. Each model runs three
-times: eager (PREFIX_SERVE_CUDA_GRAPHS=off) and with CUDA-graph decode (=on), one forward per engine step; then
-with graphs and decode runs of up to 8 forwards (tokens fed back on the device). One prompt is long enough (530 tokens)
-for the long-context decode tiles. A mismatch reports the referee's top-1 / top-2 logit gap where the outputs
-part, so a near-tie can be told from a bug.
+sequence at every step, argmax. fp32 with TF32 off, so the comparison is token for token. Each model runs four
+times: with the fused decoder layers (the CUDA default), eager (PREFIX_SERVE_CUDA_GRAPHS=off) and with CUDA-graph
+decode (=on), one forward per engine step; then with graphs and decode runs of up to 8 forwards (tokens fed back
+on the device); last with graphs and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off). One prompt is long
+enough (530 tokens) for the long-context decode tiles. A mismatch reports the referee's top-1 / top-2 logit gap
+where the outputs part, so a near-tie can be told from a bug.
 
 Every section catches its own failure, prints FAIL with the reason and goes on; results go to --out as JSON,
 rewritten after every section.
@@ -154,10 +155,11 @@ def _free_device_memory() -> None:
 
 
 def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str, backend: str | None,
-                    decode_steps: int = 1) -> dict:
+                    decode_steps: int = 1, fused: str = "auto") -> dict:
     from engine import LLM, SamplingParams
 
     os.environ["PREFIX_SERVE_CUDA_GRAPHS"] = graphs
+    os.environ["PREFIX_SERVE_FUSED_LAYERS"] = fused
     start = time.perf_counter()
     # a 256-token budget chunks the long prompt over three steps, mixed with the others' decodes (eager steps)
     llm = LLM(model=str(zoo["model"]), device=device, dtype="float32", skip_tokenizer_init=True, block_size=16,
@@ -173,6 +175,7 @@ def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str
         llm.check_integrity()
         stats = llm.engine.executor.worker.runner.graph_stats
         decode_run_steps = llm.engine.stats.decode_run_steps
+        fused_ops = getattr(llm.engine.executor.worker.runner.fused, "ops", None)
     finally:
         llm.shutdown()
         del llm
@@ -186,7 +189,7 @@ def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str
                                "got": g, "expected": e})
     result = {"exact": len(got) - len(mismatches), "total": len(got), "mismatches": mismatches,
               "init_seconds": round(init_s, 2), "seconds": round(time.perf_counter() - start, 2),
-              "decode_run_steps": decode_run_steps}
+              "decode_run_steps": decode_run_steps, "fused_layers": fused_ops.name if fused_ops else None}
     if stats is not None:
         result.update(graph_steps=stats.graph_steps, eager_steps=stats.eager_steps,
                       captured=[list(k) for k in stats.captured], failed={str(k): v for k, v in stats.failed.items()},
@@ -232,20 +235,25 @@ def run_engine(out: str | None, device: str, archs: list[str], deadline: float, 
             print(f"FAIL engine parity {arch}: building models or referee: {_reason(exc)}")
             results.put(f"{arch}", f"FAIL: {_reason(exc)}")
             continue
-        # one forward per engine step, eager and as graphs; then decode runs of up to 8 forwards (the CUDA default)
-        for graphs, decode_steps in (("off", 1), ("on", 1), ("on", 8)):
-            name = f"{arch} graphs={graphs}" + (f" runs={decode_steps}" if decode_steps > 1 else "")
+        # with the fused layers (the CUDA default): one forward per engine step, eager and as graphs, then decode
+        # runs of up to 8 forwards (the CUDA default); last, graphs with Hugging Face's layers, to tell a fault
+        # of the fused layers from one of the rest
+        for graphs, decode_steps, fused in (("off", 1, "auto"), ("on", 1, "auto"), ("on", 8, "auto"),
+                                            ("on", 1, "off")):
+            name = (f"{arch} graphs={graphs}" + (f" runs={decode_steps}" if decode_steps > 1 else "")
+                    + (" HF layers" if fused == "off" else ""))
             if time.monotonic() > deadline:
                 print(f"SKIP engine parity {name}: out of time")
                 results.put(name, "SKIP: out of time")
                 continue
             try:
-                result = run_engine_case(zoo, prompts, expected, gaps, device, graphs, backend, decode_steps)
+                result = run_engine_case(zoo, prompts, expected, gaps, device, graphs, backend, decode_steps, fused)
                 verdict = "ok" if result["exact"] == result["total"] else "FAIL"
                 extra = (f", graph steps {result['graph_steps']}, eager steps {result['eager_steps']}, "
                          f"captured {len(result['captured'])}, failed {len(result['failed'])}"
                          if "graph_steps" in result else "")
                 extra += f", forwards in decode runs {result['decode_run_steps']}" if decode_steps > 1 else ""
+                extra += f", fused layers: {result['fused_layers'] or 'off'}"
                 print(f"  {verdict} {name}: {result['exact']}/{result['total']} token-exact "
                       f"({result['seconds']} s{extra})", flush=True)
                 for m in result["mismatches"]:
