@@ -71,6 +71,7 @@ def test_gpu_bench_small_on_cpu_runs_ours_with_decode_runs_and_the_summary(tmp_p
     run = ours["run"]
     assert run["tokens"] == 24 * 8 and run["decode_steps"] == 4
     assert run["forwards"] > run["steps"]  # some engine steps ran several forwards
+    assert run["decode_phase"]["engine_steps"] > 0 and 0 < run["decode_phase"]["share_of_wall_time"] < 1
     assert ours["kernel_profile"]["top"] and ours["step_b256"]["eager_ms"] > 0
     table = part("summary", "--results", str(out))
     assert "decode runs <= 4" in table and "kernels of one eager decode step" in table
