@@ -47,6 +47,19 @@ def _op_errors() -> dict[str, float]:
         got_q, got_k = TritonOps.rope(q, k, cos, sin)  # in place, through the views
         errors[f"rope {tag}"] = max(_relative(want_q, got_q), _relative(want_k, got_k))
         errors[f"rope leaves v {tag}"] = (qkv[:, 128:] - v_before).abs().max().item()
+        # rope_write: k rotated into its cache slots and v copied there; caches [blocks, block_size, KVH, D]
+        qkv = torch.randn(6, (5 + 3 + 3) * 16, dtype=dtype)
+        views = qkv[:, :80].view(6, 5, 16), qkv[:, 80:128].view(6, 3, 16), qkv[:, 128:].view(6, 3, 16)
+        slots = torch.tensor([9, 2, 3, 14, 0, 7])
+        want_caches = [torch.zeros(4, 4, 3, 16, dtype=dtype) for _ in range(2)]
+        got_caches = [torch.zeros(4, 4, 3, 16, dtype=dtype) for _ in range(2)]
+        want_q = TorchOps.rope_write(views[0].clone(), views[1].clone(), views[2], cos, sin, *want_caches, slots)
+        got_q = TritonOps.rope_write(views[0].clone(), views[1].clone(), views[2], cos, sin, *got_caches, slots)
+        errors[f"rope_write {tag}"] = max(_relative(want_q, got_q), _relative(want_caches[0], got_caches[0]),
+                                          _relative(want_caches[1], got_caches[1]))
+        untouched = torch.ones(16, dtype=torch.bool)
+        untouched[slots] = False
+        errors[f"rope_write leaves other slots {tag}"] = got_caches[0].view(16, -1)[untouched].abs().max().item()
     return errors
 
 
@@ -55,7 +68,7 @@ def interpreter_errors():
     return run_under_triton_interpreter(__file__, "--interpreter")
 
 
-@pytest.mark.parametrize("op", ["norm", "add_norm", "add_norm_transposed", "silu_mul", "rope"])
+@pytest.mark.parametrize("op", ["norm", "add_norm", "add_norm_transposed", "silu_mul", "rope", "rope_write"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_op_matches_hugging_face_formula(interpreter_errors, op, dtype):
     # fp32: the same operations, so equal to rounding; bf16: a bf16 step (2^-8 relative) or two, as the
@@ -64,6 +77,8 @@ def test_triton_op_matches_hugging_face_formula(interpreter_errors, op, dtype):
     assert interpreter_errors[f"{op} {dtype}"] <= tolerance
     if op == "rope":
         assert interpreter_errors[f"rope leaves v {dtype}"] == 0.0
+    if op == "rope_write":
+        assert interpreter_errors[f"rope_write leaves other slots {dtype}"] == 0.0
 
 
 def test_mode_from_env(monkeypatch):

@@ -2,16 +2,16 @@
 
 Hugging Face's decoder layer runs about 40 kernels per layer in a decode step: three projections for q, k and v,
 two for gate and up, and long chains of small element-wise kernels for the norms, the rotary embedding and the
-activation. The same layer here is about 11 kernels:
+activation. The same layer here is about 9 kernels (plus whatever the attention backend launches):
 
-    add + RMSNorm -> QKV projection (one GEMM) -> rotary, in place -> K/V write -> paged attention
+    add + RMSNorm -> QKV projection (one GEMM) -> rotary + K/V write into the cache -> paged attention
     -> output projection -> add + RMSNorm -> gate/up projection (one GEMM) -> SiLU * up -> down projection
 
 The q/k/v and gate/up weights are concatenated once at start-up and the modules' own parameters become views of
 the concatenation, so no weight is held twice. The element-wise ops come from `workers.fused_ops` (Triton
-kernels on GPUs, Hugging Face's torch formulas elsewhere). Everything else (embedding, rotary cos/sin, the final
-norm's weight, the LM head) is the model's own module, so rope scaling variants and tied embeddings behave as in
-Hugging Face.
+kernels on GPUs, Hugging Face's torch formulas elsewhere); on GPUs the rotary kernel also writes the rotated
+keys and the values into their cache slots. Everything else (embedding, rotary cos/sin, the final norm's weight,
+the LM head) is the model's own module, so rope scaling variants and tied embeddings behave as in Hugging Face.
 
 `PREFIX_SERVE_FUSED_LAYERS=auto|on|off` (default auto: on for CUDA devices; on a CPU, `on` runs the torch ops,
 which tests use). A model that does not fit (another architecture, biases on only some projections, an
@@ -35,8 +35,8 @@ logger = logging.getLogger("prefix_serve.fused_decoder")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-# attend(layer_idx, q [N, H, D], k [N, KVH, D], v [N, KVH, D]) -> [N, H, D]: writes K/V, attends over the cache
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(layer_idx, q [N, H, D]) -> [N, H, D]: attention over the cache, the step's K/V already written
+AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def fused_mode_from_env() -> str:
@@ -126,8 +126,10 @@ class FusedDecoder:
                 return "norms are not RMSNorm"
         return None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """input_ids, positions [N] -> final hidden states [N, hidden] (after the model's last norm)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, slot_mapping: torch.Tensor,
+                attend: AttendFn) -> torch.Tensor:
+        """input_ids, positions [N] -> final hidden states [N, hidden] (after the model's last norm). Each layer
+        writes its new K/V into `kv_cache` (a `workers.kv_cache.KVCache`) at `slot_mapping`, then attends."""
         ops = self.ops
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, positions[None])
@@ -141,8 +143,10 @@ class FusedDecoder:
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(n, self.num_heads, self.head_dim)
             k = k.view(n, self.num_kv_heads, self.head_dim)
-            q, k = ops.rope(q, k, cos, sin)
-            out = attend(layer.index, q, k, v.view(n, self.num_kv_heads, self.head_dim))
+            key_cache, value_cache = kv_cache.layer(layer.index)
+            q = ops.rope_write(q, k, v.view(n, self.num_kv_heads, self.head_dim), cos, sin, key_cache,
+                               value_cache, slot_mapping)
+            out = attend(layer.index, q)
             x = layer.o_proj(out.reshape(n, q_size))
             h, residual = ops.add_rmsnorm(x, residual, layer.post_norm, layer.eps)
             x = layer.down_proj(ops.silu_mul(F.linear(h, layer.gate_up_weight, layer.gate_up_bias)))
@@ -171,6 +175,12 @@ def check_ops(ops, device: torch.device, dtype: torch.dtype, hidden: int, num_he
         q = qkv[:, :num_heads * head_dim].view(3, num_heads, head_dim)
         k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(3, num_kv_heads, head_dim)
         cos, sin = rand(3, head_dim), rand(3, head_dim)
+        v = qkv[:, (num_heads + num_kv_heads) * head_dim:].view(3, num_kv_heads, head_dim)
+        caches = [torch.zeros(2, 4, num_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(4)]
+        slots = torch.tensor([5, 0, 2], device=device)
+        want_q = TorchOps.rope_write(q.clone(), k.clone(), v, cos, sin, caches[0], caches[1], slots)
+        got_q = ops.rope_write(q.clone(), k.clone(), v, cos, sin, caches[2], caches[3], slots)
+        errors["rope_write"] = max(off(want_q, got_q), off(caches[0], caches[2]), off(caches[1], caches[3]))
         want_q, want_k = TorchOps.rope(q.clone(), k.clone(), cos, sin)
         got_q, got_k = ops.rope(q, k, cos, sin)
         errors["rope"] = max(off(want_q, got_q), off(want_k, got_k))

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from workers.attention.base import write_kv
+
 try:
     import triton
     import triton.language as tl
@@ -59,6 +61,15 @@ class TorchOps:
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     @staticmethod
+    def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate q and k, write k and v into their cache slots ([num_blocks, block_size, KVH, D] caches);
+        returns the rotated q [N, H, D]."""
+        q, k = TorchOps.rope(q, k, cos, sin)
+        write_kv(key_cache, value_cache, k, v, slot_mapping)
+        return q
+
+    @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [N, 2I] (gate first) -> SiLU(gate) * up [N, I]."""
         gate, up = gate_up.chunk(2, dim=-1)
@@ -87,12 +98,13 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _rope_heads(ptr, stride_n, stride_h, tok, num_heads, c1, c2, s1, s2,
+    def _rope_heads(src, dst, stride_sh, stride_dh, num_heads, c1, c2, s1, s2,
                     HALF: tl.constexpr, HEADS: tl.constexpr):
+        """Rotate one token's heads read at `src` and store them at `dst` (may be the same place)."""
         heads = tl.arange(0, HEADS)
         dims = tl.arange(0, HALF)
         mask = heads[:, None] < num_heads
-        p = ptr + tok * stride_n + heads[:, None] * stride_h + dims[None, :]
+        p = src + heads[:, None] * stride_sh + dims[None, :]
         x1 = tl.load(p, mask=mask, other=0.0)
         x2 = tl.load(p + HALF, mask=mask, other=0.0)
         dtype = x1.dtype
@@ -100,21 +112,37 @@ if triton is not None:
         # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], each product and the sum rounded
         o1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
         o2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
-        tl.store(p, o1, mask=mask)
-        tl.store(p + HALF, o2, mask=mask)
+        out = dst + heads[:, None] * stride_dh + dims[None, :]
+        tl.store(out, o1, mask=mask)
+        tl.store(out + HALF, o2, mask=mask)
 
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qn, stride_qh, stride_kn, stride_kh, stride_c,
-                     num_q_heads, num_k_heads, HALF: tl.constexpr, Q_HEADS: tl.constexpr,
-                     K_HEADS: tl.constexpr):
+    def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_c,
+                     stride_cs, stride_ch, num_q_heads, num_k_heads, HALF: tl.constexpr, Q_HEADS: tl.constexpr,
+                     K_HEADS: tl.constexpr, WRITE_CACHE: tl.constexpr):
+        """One token: rotate its q heads in place; rotate its k heads in place, or with WRITE_CACHE into the
+        cache slot `slot_ptr[token]` (and copy its v heads there)."""
         tok = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, HALF)
         c1 = tl.load(cos_ptr + tok * stride_c + dims).to(tl.float32)[None, :]
         c2 = tl.load(cos_ptr + tok * stride_c + HALF + dims).to(tl.float32)[None, :]
         s1 = tl.load(sin_ptr + tok * stride_c + dims).to(tl.float32)[None, :]
         s2 = tl.load(sin_ptr + tok * stride_c + HALF + dims).to(tl.float32)[None, :]
-        _rope_heads(q_ptr, stride_qn, stride_qh, tok, num_q_heads, c1, c2, s1, s2, HALF, Q_HEADS)
-        _rope_heads(k_ptr, stride_kn, stride_kh, tok, num_k_heads, c1, c2, s1, s2, HALF, K_HEADS)
+        q = q_ptr + tok * stride_qn
+        _rope_heads(q, q, stride_qh, stride_qh, num_q_heads, c1, c2, s1, s2, HALF, Q_HEADS)
+        k = k_ptr + tok * stride_kn
+        if WRITE_CACHE:
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            _rope_heads(k, k_cache_ptr + slot * stride_cs, stride_kh, stride_ch, num_k_heads, c1, c2, s1, s2,
+                        HALF, K_HEADS)
+            heads = tl.arange(0, K_HEADS)
+            full = tl.arange(0, 2 * HALF)
+            mask = heads[:, None] < num_k_heads
+            v = tl.load(v_ptr + tok * stride_vn + heads[:, None] * stride_vh + full[None, :], mask=mask)
+            tl.store(v_cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + full[None, :], v, mask=mask)
+        else:
+            _rope_heads(k, k, stride_kh, stride_kh, num_k_heads, c1, c2, s1, s2, HALF, K_HEADS)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr):
@@ -151,13 +179,37 @@ class TritonOps:
     def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """In place: q and k may be strided views (of one fused QKV projection); their last dim contiguous."""
+        TritonOps._rope(q, k, None, cos, sin, None, None, None)
+        return q, k
+
+    @staticmethod
+    def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """One kernel: q rotated in place, k rotated straight into its cache slots, v copied into its slots."""
+        TritonOps._rope(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+        return q
+
+    @staticmethod
+    def _rope(q, k, v, cos, sin, key_cache, value_cache, slot_mapping) -> None:
         n, num_q, dim = q.shape
+        num_k = k.shape[1]
         assert q.stride(2) == k.stride(2) == 1 and cos.stride(1) == sin.stride(1) == 1
         assert cos.stride(0) == sin.stride(0) and dim % 2 == 0 and (dim & (dim - 1)) == 0
-        _rope_kernel[(n,)](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-                           num_q, k.shape[1], HALF=dim // 2, Q_HEADS=triton.next_power_of_2(num_q),
-                           K_HEADS=triton.next_power_of_2(k.shape[1]), num_warps=4)
-        return q, k
+        write = key_cache is not None
+        if write:
+            blocks, block_size = key_cache.shape[:2]
+            key_flat = key_cache.view(blocks * block_size, num_k, dim)
+            value_flat = value_cache.view(blocks * block_size, num_k, dim)
+            assert v.stride(2) == 1 and key_flat.stride() == value_flat.stride() and key_flat.stride(2) == 1
+            cache_strides = key_flat.stride()[:2]
+            v_strides = v.stride()[:2]
+        else:
+            key_flat = value_flat = slot_mapping = v = k  # unused: WRITE_CACHE is off
+            cache_strides = v_strides = (0, 0)
+        _rope_kernel[(n,)](q, k, v, cos, sin, slot_mapping, key_flat, value_flat,
+                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), *v_strides, cos.stride(0),
+                           *cache_strides, num_q, num_k, HALF=dim // 2, Q_HEADS=triton.next_power_of_2(num_q),
+                           K_HEADS=triton.next_power_of_2(num_k), WRITE_CACHE=write, num_warps=4)
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,8 @@ class ModelRunner:
         """input_ids, positions [N] -> fp32 logits of `rows` (all rows when None)."""
         ctx = StepContext(meta, self.kv_cache, self.backend)
         if self.fused is not None:
-            hidden = self.fused.forward(input_ids, positions, lambda i, q, k, v: attend(ctx, i, q, k, v))
+            hidden = self.fused.forward(input_ids, positions, self.kv_cache, meta.slot_mapping,
+                                        lambda i, q: self.backend.forward(q, *self.kv_cache.layer(i), meta))
         else:
             hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
                                   **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
