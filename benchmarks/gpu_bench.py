@@ -39,7 +39,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.gpu_parity import _reason
+from benchmarks.gpu_parity import failure_reason
 
 
 @dataclass(frozen=True)
@@ -296,8 +296,8 @@ def part_ours(args, work: Workload) -> int:
             results.put("copy_bandwidth", bandwidth)
             print(f"  copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"FAIL copy bandwidth: {_reason(exc)}")
-            results.put("copy_bandwidth_error", _reason(exc))
+            print(f"FAIL copy bandwidth: {failure_reason(exc)}")
+            results.put("copy_bandwidth_error", failure_reason(exc))
 
     if args.fused_layers:
         os.environ["PREFIX_SERVE_FUSED_LAYERS"] = args.fused_layers
@@ -397,8 +397,8 @@ def part_ours(args, work: Workload) -> int:
             print(f"  decode step timing: {timing}", flush=True)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            print(f"FAIL step timing at batch {batch}: {_reason(exc)}")
-            results.put(f"step_b{batch}", f"FAIL: {_reason(exc)}")
+            print(f"FAIL step timing at batch {batch}: {failure_reason(exc)}")
+            results.put(f"step_b{batch}", f"FAIL: {failure_reason(exc)}")
     if args.profile:
         try:
             profile = kernel_profile(runner, engine.executor.worker.kv_cache.num_blocks, args.max_num_seqs,
@@ -410,7 +410,7 @@ def part_ours(args, work: Workload) -> int:
                 print(f"    {ms:8.3f} ms {count:6.1f}x  {name[:110]}")
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            print(f"FAIL kernel profile: {_reason(exc)}")
+            print(f"FAIL kernel profile: {failure_reason(exc)}")
     results.put("ok", True)
     return 0
 
@@ -524,7 +524,7 @@ def part_cb(args, work: Workload) -> int:
         if window > 0:
             run.update(seconds=round(window, 3), tok_s=tokens / window)
     except Exception as exc:  # noqa: BLE001 - output objects without timestamps: rate of the whole call
-        run["timestamp_error"] = _reason(exc)
+        run["timestamp_error"] = failure_reason(exc)
     run.setdefault("tok_s", tokens / seconds)
     results.put("run", run)
     print(f"  generate_batch: {run}", flush=True)
@@ -685,7 +685,7 @@ def part_summary(args) -> int:
         try:
             rows += make(results_dir)
         except Exception as exc:  # noqa: BLE001
-            rows.append((make.__name__.strip("_"), f"summary error: {_reason(exc)}", ""))
+            rows.append((make.__name__.strip("_"), f"summary error: {failure_reason(exc)}", ""))
     width = max(len(r[0]) for r in rows) + 2
     print("\n" + "=" * 110)
     print(f"prefix-serve GPU check: {setup.get('device', '?')} | {setup.get('versions', '?')}")
@@ -724,7 +724,7 @@ def main() -> int:
         return part(args, work)
     except Exception as exc:  # noqa: BLE001 - the shell script goes on to the next part either way
         traceback.print_exc()
-        print(f"FAIL {args.part}: {_reason(exc)}")
+        print(f"FAIL {args.part}: {failure_reason(exc)}")
         return 1
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
@@ -71,7 +71,7 @@ def run_kernels(out: str | None) -> int:
             try:
                 verdict = kc.check(name, shape)
             except Exception as exc:  # noqa: BLE001
-                verdict = f"FAIL: {_reason(exc)}"
+                verdict = f"FAIL: {failure_reason(exc)}"
             print(f"  {name:<9}{shape.name:<26}{verdict}  ({time.perf_counter() - start:.1f} s)", flush=True)
             results.put(f"{name} | {shape.name}", verdict)
     return 0
@@ -232,8 +232,8 @@ def run_engine(out: str | None, device: str, archs: list[str], deadline: float, 
                   f"(smallest referee top-2 gap {min(min(g) for g in gaps):.2e})", flush=True)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            print(f"FAIL engine parity {arch}: building models or referee: {_reason(exc)}")
-            results.put(f"{arch}", f"FAIL: {_reason(exc)}")
+            print(f"FAIL engine parity {arch}: building models or referee: {failure_reason(exc)}")
+            results.put(f"{arch}", f"FAIL: {failure_reason(exc)}")
             continue
         # with the fused layers (the CUDA default): one forward per engine step, eager and as graphs, then decode
         # runs of up to 8 forwards (the CUDA default); last, graphs with Hugging Face's layers, to tell a fault
@@ -266,8 +266,8 @@ def run_engine(out: str | None, device: str, archs: list[str], deadline: float, 
                 results.put(name, result)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
-                print(f"FAIL engine parity {name}: {_reason(exc)}")
-                results.put(name, f"FAIL: {_reason(exc)}")
+                print(f"FAIL engine parity {name}: {failure_reason(exc)}")
+                results.put(name, f"FAIL: {failure_reason(exc)}")
     return 0
 
 
