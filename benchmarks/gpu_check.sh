@@ -19,8 +19,9 @@
 #   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  ~40 s
 #   8. ours_plain  decode_steps=1 and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off): the engine of the
 #                earlier runs, for the fused layers' gain; with its own kernel profile       ~40 s
-#   9. ours512   ours again with max_num_seqs=512, only if time is left
-# Parts 7-9 run only while time is left.
+#   9. ours512   ours again with max_num_seqs=512
+#  10. ours16    ours with decode runs of up to 16 forwards (the default is 8)             ~40 s
+# Parts 7-10 run only while time is left.
 # Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
 # GPU_BENCH_LAYERS (the benchmark model's layer count, default 16).
 set -u
@@ -89,6 +90,10 @@ fi
 if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
   run_part ours512 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours512.json" --max-num-seqs 512 \
     --no-profile
+fi
+if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
+  run_part ours16 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours16.json" --max-num-seqs 256 \
+    --decode-steps 16 --no-profile
 fi
 
 echo "total $(elapsed) s; logs and JSON in $OUT"
