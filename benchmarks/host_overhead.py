@@ -5,7 +5,7 @@ not overlapped with the device, so it bounds throughput (docs/gpu.md). This meas
 stage, for B running sequences in steady decode, per decode forward, for each `decode_steps` setting (a decode
 run spreads the engine's and the worker's per-step work over several forwards):
 
-    python -m benchmarks.host_overhead [--batch 256] [--steps 48] [--decode-steps 1 8]
+    python -m benchmarks.host_overhead [--batch 256] [--steps 48] [--decode-steps 1 8] [--no-forward]
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def _timed(stages: dict, name: str, fn):
     return wrapper
 
 
-def measure(model_dir: Path, prefix_paths: list[Path], batch: int, forwards: int, decode_steps: int) -> dict:
-    """Host time per stage over `forwards` decode forwards of `batch` sequences, in ms per forward."""
+def measure(model_dir: Path, prefix_paths: list[Path], batch: int, forwards: int, decode_steps: int,
+            no_forward: bool = False) -> dict:
+    """Host time per stage over `forwards` decode forwards of `batch` sequences, in ms per forward. With
+    `no_forward` the model runner returns zero logits at once, so only host work is timed."""
     from benchmarks.common import random_prompts
     from engine import LLM, SamplingParams
 
@@ -57,6 +59,9 @@ def measure(model_dir: Path, prefix_paths: list[Path], batch: int, forwards: int
     stages: dict[str, float] = defaultdict(float)
     worker = engine.executor.worker
     runner = worker.runner
+    if no_forward:
+        zeros = torch.zeros(batch, engine.spec.vocab_size)
+        runner.execute = lambda step, input_ids=None: zeros[: len(step.sample_rows)]
     patches = [(engine.scheduler, "schedule", "engine: schedule"),
                (engine, "_step_message", "engine: pack message"),
                (engine, "_update", "engine: update + outputs"),
@@ -86,6 +91,8 @@ def main() -> None:
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8],
                         help="engine decode_steps settings to compare (default: 1 8)")
+    parser.add_argument("--no-forward", action="store_true",
+                        help="the model runner returns zero logits at once: time host work only")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -99,7 +106,8 @@ def main() -> None:
 
         spec = ModelSpec.from_config(AutoConfig.from_pretrained(model_dir))
         prefixes = [write_random_prefix(Path(tmp) / f"p{i}", spec, 16, seed=i) for i in range(args.prefixes)]
-        results = {k: measure(model_dir, prefixes, args.batch, args.steps, k) for k in args.decode_steps}
+        results = {k: measure(model_dir, prefixes, args.batch, args.steps, k, args.no_forward)
+                   for k in args.decode_steps}
 
     print(f"{args.steps} decode forwards of {args.batch} sequences over {args.prefixes} prefixes "
           f"(tiny Llama, 1 thread); ms per forward")

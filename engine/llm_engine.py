@@ -242,13 +242,7 @@ class EngineCore:
                 request.first_token_time = now
                 stats.prompt_tokens += len(request.prompt_token_ids)
             if out.num_steps > 1:  # a decode run: one token per step, the ones after a stop are discarded
-                stopped = False
-                for token in tokens:
-                    seq.token_ids.append(token)
-                    stats.generation_tokens += 1
-                    if self._check_stop(seq):
-                        stopped = True
-                        break
+                stopped = self._take_run(seq, tokens)
             else:  # one step: the first token, and at a forking prompt's end one more per forked sample
                 new_seqs = [seq]
                 if seq.needs_fork:
@@ -272,6 +266,27 @@ class EngineCore:
             children.append(child)
         parent.needs_fork = False
         return children
+
+    def _take_run(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Append a decode run's tokens up to and including the first that stops the sequence; whether one did.
+
+        A run never passes `max_tokens` or the context limit (the scheduler sees to it), so without stop strings
+        only a stop token or EOS can end it early, and one `_check_stop` on the last kept token decides."""
+        params = seq.request.params
+        if params.stop_strings and self.tokenizer is not None:  # text may match at any token: check each
+            for token in tokens:
+                seq.token_ids.append(token)
+                self.stats.generation_tokens += 1
+                if self._check_stop(seq):
+                    return True
+            return False
+        stops = params.stop_token_ids if params.ignore_eos else [*params.stop_token_ids, *self.eos_token_ids]
+        kept = len(tokens)
+        if stops:
+            kept = next((i for i, token in enumerate(tokens, start=1) if token in stops), kept)
+        seq.token_ids.extend(tokens[:kept])
+        self.stats.generation_tokens += kept
+        return self._check_stop(seq)
 
     def _check_stop(self, seq: Sequence) -> bool:
         """Finish the sequence if its newest token ends it; returns whether it did."""

@@ -148,13 +148,17 @@ class Scheduler:
                 steps = min(steps, max_len - seq.num_tokens)
         if steps < 2:
             return
+        # The first token's slot is private already (found in place, or copied, and a copy cancels the run); the
+        # others fall in the same block or in new ones. So a run needs only whole new blocks, no copies.
         bm = self.block_manager
-        extra = sum(bm.blocks_needed(item.seq.seq_id, item.seq.num_computed_tokens, steps) for item in out.scheduled)
-        if extra > bm.num_available_blocks():
+        tables = bm.tables
+        last_block = [(item, (item.seq.num_computed_tokens + steps - 1) // bm.block_size) for item in out.scheduled]
+        growing = [(item, index) for item, index in last_block if index >= len(tables[item.seq.seq_id])]
+        if sum(index + 1 - len(tables[item.seq.seq_id]) for item, index in growing) > bm.num_available_blocks():
             return
-        for item in out.scheduled:
+        for item, _ in growing:
             result = bm.append_slots(item.seq.seq_id, item.seq.num_computed_tokens, steps)
-            assert not result.copies  # the first token's slot, already made private, is the only shared one
+            assert not result.copies
             item.table_from = min(item.table_from, result.table_from)
         out.num_steps = steps
 

@@ -74,11 +74,14 @@ def test_eos_stops_unless_ignore_eos(tmp_path, tiny_zoo):
     config = json.loads((model_dir / "config.json").read_text())
     config["eos_token_id"] = greedy[2]
     (model_dir / "config.json").write_text(json.dumps(config))
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, block_size=4)
-    stopped = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0].outputs[0]
-    assert stopped.token_ids == greedy[:greedy.index(greedy[2]) + 1] and stopped.finish_reason == "stop"
-    ignored = _tokens(llm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), prefix=None)[0]
-    assert ignored == greedy
+    for decode_steps in (1, 8):  # 8: EOS arrives inside a decode run, whose later tokens are dropped
+        llm = LLM(model=str(model_dir), skip_tokenizer_init=True, block_size=4, decode_steps=decode_steps)
+        stopped = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0].outputs[0]
+        assert stopped.token_ids == greedy[:greedy.index(greedy[2]) + 1] and stopped.finish_reason == "stop"
+        assert llm.engine.stats.generation_tokens == len(stopped.token_ids)
+        ignored = _tokens(llm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), prefix=None)[0]
+        assert ignored == greedy
+        assert (llm.engine.stats.decode_run_steps > 0) == (decode_steps > 1)
 
 
 def test_top_k_and_top_p_only_draw_allowed_tokens():
