@@ -110,8 +110,11 @@ class FusedDecoder:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if head_dim & (head_dim - 1) or head_dim < 4:
             return f"head size {head_dim} is not a power of two"
-        rope = getattr(config, "rope_parameters", None) or {}
-        if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        rope = getattr(config, "rope_parameters", None)
+        factor = getattr(config, "partial_rotary_factor", 1.0)
+        if isinstance(rope, dict):
+            factor = rope.get("partial_rotary_factor", factor)
+        if float(factor or 1.0) != 1.0:
             return "partial rotary embedding"
         decoder = getattr(model, "model", None)
         if decoder is None or not hasattr(decoder, "rotary_emb"):
@@ -196,7 +199,10 @@ def make_fused_decoder(model, device: torch.device, mode: str | None = None) -> 
     mode = mode or fused_mode_from_env()
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
-    reason = FusedDecoder.unsupported_reason(model)
+    try:
+        reason = FusedDecoder.unsupported_reason(model)
+    except Exception as exc:  # noqa: BLE001 - a model laid out unlike the ones we know: Hugging Face's forward
+        reason = f"could not inspect the model ({type(exc).__name__}: {exc})"
     use_triton = triton_usable(device)
     if reason is None and use_triton:
         config = model.config
@@ -207,4 +213,11 @@ def make_fused_decoder(model, device: torch.device, mode: str | None = None) -> 
     if reason is not None:
         logger.warning("Fused decoder layers unavailable, using Hugging Face's forward: %s", reason)
         return None
-    return FusedDecoder(model, use_triton=use_triton)
+    # Building turns the modules' q/k/v and gate/up parameters into views of the concatenations; one that fails
+    # half way leaves every module with its own values, so Hugging Face's forward still runs.
+    try:
+        return FusedDecoder(model, use_triton=use_triton)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("Fused decoder layers unavailable, using Hugging Face's forward: %s: %s",
+                       type(exc).__name__, exc)
+        return None
