@@ -25,8 +25,8 @@ class EngineConfig:
     host_prefix_cache_size: int | None = None
     allowed_prefix_roots: tuple[str, ...] = ()  # where prefix paths from requests may point
     # decode forwards run back to back on the device per engine step, when nothing waiting could start and no
-    # running sequence samples with a seed
-    # (scheduler/scheduler.py). None: 8 on GPUs, where it hides the host's per-step work; 1 on CPU
+    # running sequence samples with a seed (scheduler/scheduler.py). None: 8 on GPUs, where it hides the host's
+    # per-step work; 1 on CPU
     decode_steps: int | None = None
 
     def resolved_decode_steps(self) -> int:

@@ -151,15 +151,14 @@ class Scheduler:
         # The first token's slot is private already (found in place, or copied, and a copy cancels the run); the
         # others fall in the same block or in new ones. So a run needs only whole new blocks, no copies.
         bm = self.block_manager
-        tables = bm.tables
-        last_block = [(item, (item.seq.num_computed_tokens + steps - 1) // bm.block_size) for item in out.scheduled]
-        growing = [(item, index) for item, index in last_block if index >= len(tables[item.seq.seq_id])]
-        if sum(index + 1 - len(tables[item.seq.seq_id]) for item, index in growing) > bm.num_available_blocks():
+        needs = [bm.blocks_needed(item.seq.seq_id, item.seq.num_computed_tokens, steps) for item in out.scheduled]
+        if sum(needs) > bm.num_available_blocks():
             return
-        for item, _ in growing:
-            result = bm.append_slots(item.seq.seq_id, item.seq.num_computed_tokens, steps)
-            assert not result.copies
-            item.table_from = min(item.table_from, result.table_from)
+        for item, need in zip(out.scheduled, needs):
+            if need:
+                result = bm.append_slots(item.seq.seq_id, item.seq.num_computed_tokens, steps)
+                assert not result.copies
+                item.table_from = min(item.table_from, result.table_from)
         out.num_steps = steps
 
     def _admission_cost(self, seq: Sequence, num_new: int) -> int:

@@ -180,11 +180,11 @@ class ModelRunner:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [N] -> fp32 logits of `rows` (all rows when None)."""
-        ctx = StepContext(meta, self.kv_cache, self.backend)
         if self.fused is not None:
             hidden = self.fused.forward(input_ids, positions, self.kv_cache, meta.slot_mapping,
                                         lambda i, q: self.backend.forward(q, *self.kv_cache.layer(i), meta))
         else:
+            ctx = StepContext(meta, self.kv_cache, self.backend)
             hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
                                   **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
         if rows is not None:

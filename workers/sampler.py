@@ -82,17 +82,16 @@ def sample_on_device(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     greedy = logits.argmax(dim=-1)
     vocab = logits.shape[-1]
     scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
-    if not filtered:
-        probs = scaled.softmax(dim=-1)
-        sampled = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-        return torch.where(temperature > 0, sampled, greedy)
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    kth = ordered.gather(1, (k - 1)[:, None])
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    probs = ordered.softmax(dim=-1)
-    drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
-    probs = probs.masked_fill(drop, 0.0)
-    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
-    sampled = order.gather(1, choice)[:, 0]
+    order = None
+    if filtered:  # in descending order, so top-k and top-p are prefixes of each row
+        scaled, order = scaled.sort(dim=-1, descending=True)
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        scaled = scaled.masked_fill(scaled < scaled.gather(1, (k - 1)[:, None]), float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if filtered:
+        drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+        probs = probs.masked_fill(drop, 0.0)
+    sampled = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    if order is not None:
+        sampled = order.gather(1, sampled[:, None])[:, 0]
     return torch.where(temperature > 0, sampled, greedy)
