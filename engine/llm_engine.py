@@ -6,6 +6,7 @@ A step reads: schedule -> execute on the workers -> update sequences and emit ou
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from workers import messages
 from workers.attention import default_backend_name
 from workers.executor import make_executor
 from workers.worker import WorkerConfig
+
+logger = logging.getLogger("prefix_serve.engine")
 
 
 @dataclass
@@ -66,6 +69,10 @@ class EngineCore:
         # A sequence must fit the model's positions and, alone, the KV cache (one block spare for copy-on-write).
         cache_tokens = (self.executor.num_blocks - 1) * config.block_size
         self.max_model_len = min(self.spec.max_model_len, config.max_model_len or cache_tokens, cache_tokens)
+        if self.spec.sliding_window is not None and (config.max_model_len or 0) > self.max_model_len:
+            logger.warning("max_model_len %d is capped at %d: the model attends through a sliding window of %d "
+                           "tokens, which prefix-serve supports only up to the window's length.",
+                           config.max_model_len, self.max_model_len, self.spec.sliding_window)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.resolved_decode_steps(), self.max_model_len),
                                    self.block_manager)

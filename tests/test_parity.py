@@ -126,3 +126,42 @@ def test_fused_decoder_layers_match_peft_forward(tiny_zoo, arch, monkeypatch):
     llm, got = _run(entry, block_size=4)
     assert (llm.engine.executor.worker.runner.fused is None) == (arch == "gpt2")
     assert got == _expected(entry)
+
+
+def test_sliding_window_model_is_served_exactly_within_its_window(tiny_zoo, tmp_path):
+    """A model with a sliding attention window (here a Mistral of window 24) is served up to the window's length,
+    where full attention and the model's windowed attention agree; the referee applies the window itself."""
+    import json
+    import shutil
+
+    from engine.errors import PromptTooLongError
+
+    entry = tiny_zoo("mistral")
+    model = tmp_path / "mistral-window"
+    shutil.copytree(entry["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["sliding_window"] = 24
+    (model / "config.json").write_text(json.dumps(config))
+    llm = LLM(model=str(model), skip_tokenizer_init=True, block_size=4, max_model_len=200)
+    assert llm.engine.max_model_len == 24
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    prompt = list(range(60, 70))
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, prefix="p5", use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 24 - 5 - len(prompt)
+    assert out.token_ids == peft_forward_greedy(model, entry["adapters"]["p5"], prompt, len(out.token_ids))
+    with pytest.raises(PromptTooLongError):
+        llm.generate([{"prompt_token_ids": list(range(60, 79))}], params, prefix="p5", use_tqdm=False)
+
+
+def test_attention_window_reads_each_config_style():
+    import transformers as tf
+
+    from engine.model_loader import attention_window
+
+    assert attention_window(tf.MistralConfig(sliding_window=4096)) == 4096
+    assert attention_window(tf.MistralConfig(sliding_window=None)) is None
+    assert attention_window(tf.Qwen2Config()) is None  # use_sliding_window defaults to False
+    assert attention_window(tf.Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1,
+                                           num_hidden_layers=3)) == 64
+    assert attention_window(tf.LlamaConfig()) is None
