@@ -23,7 +23,9 @@
 #  10. ours16    ours with decode runs of up to 16 forwards (the default is 8)             ~40 s
 # Parts 7-10 run only while time is left.
 # Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
-# GPU_BENCH_LAYERS (the benchmark model's layer count, default 16).
+# GPU_BENCH_LAYERS (the benchmark model's layer count, default 16), GPU_CHECK_PARTS (a rerun of some parts on a
+# warm machine, e.g. "ours ours16": only those run, other parts' results in GPU_CHECK_OUT are kept for the
+# summary; setup runs too when its model is missing).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 export PYTHONPATH="${PYTHONPATH:-.}"
@@ -34,21 +36,27 @@ if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 800000
   WORK=/dev/shm/prefix_serve_gpu_bench  # 2 GB of weights and 512 MB of prefixes: memory is faster than disk
 fi
 START=$(date +%s)
+PARTS=${GPU_CHECK_PARTS:-}
+if [ -n "$PARTS" ] && [ ! -f "$WORK/setup.done" ]; then PARTS="$PARTS setup"; fi
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/*.log
+if [ -z "$PARTS" ]; then rm -f "$OUT"/*.json "$OUT"/*.log; fi
 PY=${PYTHON:-python3}
 
 elapsed() { echo $(( $(date +%s) - START )); }
+wanted() { [ -z "$PARTS" ] || [[ " $PARTS " == *" $1 "* ]]; }
 
 # run_part NAME CAP_SECONDS COMMAND...: run under min(CAP, time left - 15 s for the summary)
 run_part() {
   local name=$1 cap=$2
   shift 2
+  if ! wanted "$name"; then return 0; fi
+  rm -f "$OUT/$name.log" "$OUT/$name.json"
+  if [ "$name" = parity ]; then rm -f "$OUT/engine.json"; fi
   local left=$(( BUDGET - $(elapsed) - 15 ))
   local limit=$(( cap < left ? cap : left ))
   if [ "$limit" -lt 20 ]; then
     echo "SKIP $name: out of time ($(elapsed) s used of $BUDGET)"
-    return 0
+    return 1
   fi
   echo "=== $name (limit ${limit} s, at $(elapsed) s) ==="
   local t0=$(date +%s)
@@ -60,6 +68,7 @@ run_part() {
     echo "FAIL $name: exit code $rc (log: $OUT/$name.log)"
   fi
   echo "=== $name done in $(( $(date +%s) - t0 )) s (total $(elapsed) s) ==="
+  return "$rc"
 }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
@@ -72,8 +81,9 @@ if "$PY" -c "import pytest" 2>/dev/null; then
 else
   echo "SKIP gputests: pytest is not installed"
 fi
+if wanted setup; then rm -f "$WORK/setup.done"; fi
 run_part setup 70 "$PY" -m benchmarks.gpu_bench setup --dir "$WORK" --out "$OUT/setup.json" \
-  ${GPU_BENCH_LAYERS:+--num-layers "$GPU_BENCH_LAYERS"}
+  ${GPU_BENCH_LAYERS:+--num-layers "$GPU_BENCH_LAYERS"} && mkdir -p "$WORK" && touch "$WORK/setup.done"
 run_part ours 150 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours.json" --max-num-seqs 256
 run_part peft 70 "$PY" -m benchmarks.gpu_bench peft --dir "$WORK" --out "$OUT/peft.json"
 CB_REQUESTS=512
