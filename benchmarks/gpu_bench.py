@@ -353,7 +353,7 @@ def part_ours(args, work: Workload) -> int:
         out = scheduled.pop() if scheduled else None
         if out is not None and out.scheduled and all(i.num_tokens == 1 and not i.is_new for i in out.scheduled):
             phases["decode_s"] += time.perf_counter() - t
-            phases["decode_tokens"] += len(out.scheduled) * out.num_steps
+            phases["decode_tokens"] += sum(item.num_steps for item in out.scheduled)
             phases["decode_steps"] += 1
         return result
 

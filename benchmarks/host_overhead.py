@@ -28,6 +28,19 @@ def _tiny_llama(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
+def tiny_model_and_prefixes(tmp: Path, count: int) -> tuple[Path, list[Path]]:
+    """The tiny Llama under `tmp`/model and `count` random P=16 prefixes for it."""
+    from transformers import AutoConfig
+
+    from benchmarks.common import write_random_prefix
+    from engine.model_loader import ModelSpec
+
+    model_dir = tmp / "model"
+    _tiny_llama(model_dir)
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(model_dir))
+    return model_dir, [write_random_prefix(tmp / f"p{i}", spec, 16, seed=i) for i in range(count)]
+
+
 def _timed(stages: dict, name: str, fn):
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -96,16 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from benchmarks.common import write_random_prefix
-    from engine.model_loader import ModelSpec
-
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        _tiny_llama(model_dir)
-        from transformers import AutoConfig
-
-        spec = ModelSpec.from_config(AutoConfig.from_pretrained(model_dir))
-        prefixes = [write_random_prefix(Path(tmp) / f"p{i}", spec, 16, seed=i) for i in range(args.prefixes)]
+        model_dir, prefixes = tiny_model_and_prefixes(Path(tmp), args.prefixes)
         results = {k: measure(model_dir, prefixes, args.batch, args.steps, k, args.no_forward)
                    for k in args.decode_steps}
 

@@ -219,6 +219,8 @@ class EngineCore:
             elif item.table_from < len(self.block_manager.tables[seq.seq_id]):
                 entry.update(table_from=item.table_from,
                              table_tail=self.block_manager.tables[seq.seq_id][item.table_from:])
+            if item.num_steps != out.num_steps:
+                entry["k"] = item.num_steps  # leaves the run after its first k forwards
             seqs.append(entry)
         return messages.pack({"drop": out.dropped_seq_ids, "prefix_loads": loads,
                               "copies": [[c.src, c.dst] for c in out.copies], "seqs": seqs,
@@ -235,7 +237,7 @@ class EngineCore:
         stats.prefix_load_seconds.extend(result.get("load_seconds", ()))
         admitted_on_prefix = 0
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_tokens * out.num_steps
+            item.seq.num_computed_tokens += item.num_tokens * item.num_steps
             admitted_on_prefix += item.is_new and item.seq.request.prefix is not None
         # an admission that had to materialize its prefix is a miss; every other one found it resident
         stats.prefix_misses += len(out.prefix_loads)

@@ -9,11 +9,12 @@ When the running sequences need more blocks than exist, the newest one is preemp
 it is recomputed later from its tokens, which gives the same greedy output.
 
 Decode runs: when a step is pure decode (greedy or unseeded sampling) and nothing waiting could be admitted
-anyway, the step is stretched to `decode_steps` tokens per sequence. The worker then runs that many forwards
-back to back, each fed the previous one's sampled tokens on the device, and reports them together. This spreads the
-host's per-step work (scheduling, messages, input packing, the wait for sampled tokens) over several tokens. A
-run never goes past a sequence's `max_tokens` or the context limit; a sequence that stops on a stop token inside
-a run has its later tokens discarded by the engine.
+anyway, the step is stretched to up to `decode_steps` forwards. The worker runs them back to back, each fed the
+previous one's sampled tokens on the device, and reports the tokens together. This spreads the host's per-step
+work (scheduling, messages, input packing, the wait for sampled tokens) over several tokens. Each sequence takes
+part in as many of the run's forwards as its `max_tokens` and the context limit leave it (at least one); it then
+drops out of the batch, so one sequence near its end does not shorten the run for the others. A sequence that
+stops on a stop token inside a run has its later tokens discarded by the engine.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ScheduledSeq:
     num_tokens: int
     is_new: bool  # the worker has no state for it yet (first admission or resumed after preemption)
     table_from: int  # block-table entries from here on changed this step
+    num_steps: int = 1  # in a decode run: the run's first forwards this sequence takes part in, one token each
 
 
 @dataclass
@@ -48,7 +50,7 @@ class SchedulerOutput:
     prefix_loads: list[PrefixEntry] = field(default_factory=list)
     dropped_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted since last step
     num_preempted: int = 0
-    num_steps: int = 1  # > 1: a decode run, every scheduled sequence advances this many tokens, one at a time
+    num_steps: int = 1  # > 1: a decode run of this many forwards; each sequence advances item.num_steps tokens
 
 
 class Scheduler:
@@ -135,28 +137,34 @@ class Scheduler:
         if (not out.scheduled or out.num_preempted or out.prefix_loads or out.copies
                 or (self.waiting and len(self.running) < self.config.max_num_seqs)):
             return
-        steps = self.config.decode_steps
+        limit = self.config.decode_steps
         max_len = self.config.max_model_len
+        lengths = []
         for item in out.scheduled:
             seq = item.seq
             params = seq.request.params
             if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or (
                     params.temperature != 0 and params.seed is not None):
                 return  # a seeded row draws from its own generator on the host, token by token
-            steps = min(steps, params.max_tokens - (len(seq.token_ids) - len(seq.request.prompt_token_ids)))
+            # the tokens it may still generate: this step's first one is already within both bounds
+            length = min(limit, params.max_tokens - (len(seq.token_ids) - len(seq.request.prompt_token_ids)))
             if max_len is not None:
-                steps = min(steps, max_len - seq.num_tokens)
+                length = min(length, max_len - seq.num_tokens)
+            lengths.append(max(length, 1))
+        steps = max(lengths)
         if steps < 2:
             return
         # The first token's slot is private already (found in place, or copied, and a copy cancels the run); the
         # others fall in the same block or in new ones. So a run needs only whole new blocks, no copies.
         bm = self.block_manager
-        needs = [bm.blocks_needed(item.seq.seq_id, item.seq.num_computed_tokens, steps) for item in out.scheduled]
+        needs = [bm.blocks_needed(item.seq.seq_id, item.seq.num_computed_tokens, length)
+                 for item, length in zip(out.scheduled, lengths)]
         if sum(needs) > bm.num_available_blocks():
             return
-        for item, need in zip(out.scheduled, needs):
+        for item, length, need in zip(out.scheduled, lengths, needs):
+            item.num_steps = length
             if need:
-                result = bm.append_slots(item.seq.seq_id, item.seq.num_computed_tokens, steps)
+                result = bm.append_slots(item.seq.seq_id, item.seq.num_computed_tokens, length)
                 assert not result.copies
                 item.table_from = min(item.table_from, result.table_from)
         out.num_steps = steps

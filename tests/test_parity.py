@@ -100,6 +100,24 @@ def test_decode_runs_match_peft_forward(tiny_zoo, arch):
     assert llm.engine.block_manager.num_used_blocks == 0
 
 
+def test_sequences_leave_a_decode_run_at_their_own_max_tokens(tiny_zoo):
+    """Requests of different lengths share one run; each leaves the batch when its max_tokens is reached."""
+    entry = tiny_zoo("llama")
+    max_tokens = [3, 10, 5, 8, 2]
+    expected = [e[:m] for e, m in zip(_expected(entry), max_tokens)]
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, decode_steps=8)
+    for name, path in entry["adapters"].items():
+        llm.load_prefix(name, str(path))
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    # one prefill step (first tokens), one run of 8 forwards that rows leave after 2, 8, 4, 7 and 1 of them,
+    # and one forward for the last token of the 10-token request
+    assert llm.engine.stats.steps == 3 and llm.engine.stats.decode_run_steps == 8
+    llm.check_integrity()
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_decode_run_discards_tokens_after_a_stop_token(tiny_zoo):
     entry = tiny_zoo("llama")
     expected = _expected(entry)

@@ -29,9 +29,9 @@ def _step(sched: Scheduler):
     out = sched.schedule()
     for item in out.scheduled:
         samples = item.seq.num_uncomputed == item.num_tokens  # its last known token is computed this step
-        item.seq.num_computed_tokens += item.num_tokens * out.num_steps
+        item.seq.num_computed_tokens += item.num_tokens * item.num_steps
         if samples:
-            item.seq.token_ids.extend([7] * out.num_steps)
+            item.seq.token_ids.extend([7] * item.num_steps)
     return out
 
 
@@ -48,16 +48,25 @@ def test_pure_greedy_decode_runs_decode_steps_tokens_with_blocks_for_all_of_them
     sched.check_integrity()
 
 
-def test_run_stops_at_the_smallest_remaining_max_tokens_and_the_context_limit():
+def test_each_sequence_runs_as_far_as_its_max_tokens_and_the_context_limit_allow():
     sched = _scheduler(decode_steps=8)
-    _add(sched, 0, max_tokens=100)
-    _add(sched, 1, max_tokens=4)
+    long, short = _add(sched, 0, max_tokens=100), _add(sched, 1, max_tokens=4)
     _step(sched)
-    assert _step(sched).num_steps == 3  # sequence 1 has 1 of 4 tokens: 3 more, then it stops
+    out = _step(sched)  # sequence 1 has 1 of 4 tokens: 3 more, then it leaves the run; 0 runs all 8
+    assert out.num_steps == 8 and [item.num_steps for item in out.scheduled] == [8, 3]
+    assert len(short.token_ids) - 5 == 4 and long.num_computed_tokens == 13
+    assert len(sched.block_manager.tables[1]) == 2  # 8 tokens, 2 blocks: none reserved past max_tokens
+    sched.check_integrity()
     sched = _scheduler(decode_steps=8, max_model_len=10)
     _add(sched, 0, max_tokens=100)
+    _add(sched, 1, max_tokens=100, prompt_len=3)
     _step(sched)
-    assert _step(sched).num_steps == 4  # 6 tokens in the stream; 4 more reach the 10-token context
+    out = _step(sched)  # 6 and 4 tokens in the streams; 4 and 6 more reach the 10-token context
+    assert out.num_steps == 6 and [item.num_steps for item in out.scheduled] == [4, 6]
+    sched = _scheduler(decode_steps=8)
+    _add(sched, 0, max_tokens=2)
+    _step(sched)
+    assert _step(sched).num_steps == 1  # one token left: no run
 
 
 def test_no_run_while_a_waiting_sequence_could_start():

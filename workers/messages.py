@@ -1,25 +1,27 @@
 """Versioned msgpack messages between the engine and its workers. Each step carries only what changed.
 
-StepMessage (engine -> worker), version 2:
-  {"v": 2,
+StepMessage (engine -> worker), version 3:
+  {"v": 3,
    "drop": [seq_id, ...],                     # finished, aborted or preempted: forget their state
    "prefix_loads": [{"name", "path", "blocks", "num_tokens"}],   # materialize into these blocks first
    "copies": [[src_block, dst_block], ...],    # copy-on-write, after the loads, before the forward
    "seqs": [entry, ...],                       # scheduled sequences, in batch order
-   "steps": K}                                 # K > 1: a decode run of K forwards, every "n" is 1
+   "steps": K}                                 # K > 1: a decode run of up to K forwards, every "n" is 1
   entry for a sequence the worker has not seen (or that was preempted):
    {"id", "n" (tokens this step), "new": 1, "tokens", "prompt_len", "prefix_len", "computed", "table",
     "sampling": {"temperature", "top_p", "top_k", "seed"}, "index" (sample index), "fork_ids": [...]}
-  entry for a known sequence: {"id", "n", ["table_from", "table_tail"] when its block table changed}
-StepResult (worker -> engine): {"v": 2, "sampled": [[seq_id, [token, ...]], ...], "load_seconds": [...]}
-  The token list holds one token, or n at the end of a prompt whose request forks n samples, or K in a run.
+  entry for a known sequence: {"id", "n", ["table_from", "table_tail"] when its block table changed,
+   ["k"] in a run when the sequence takes part in only its first k < K forwards}
+StepResult (worker -> engine): {"v": 3, "sampled": [[seq_id, [token, ...]], ...], "load_seconds": [...]}
+  The token list holds one token, or n at the end of a prompt whose request forks n samples, or K (or k) in a
+  run.
 """
 
 from __future__ import annotations
 
 import msgpack
 
-VERSION = 2
+VERSION = 3
 
 
 class ProtocolError(RuntimeError):

@@ -84,12 +84,13 @@ class Worker:
             self.seqs.pop(seq_id, None)
         load_seconds = [self._materialize_prefix(load) for load in msg.get("prefix_loads", ())]
         self.kv_cache.copy_blocks([tuple(p) for p in msg.get("copies", ())])
-        scheduled = [self._update_state(entry) for entry in msg.get("seqs", ())]
+        entries = msg.get("seqs", ())
+        scheduled = [self._update_state(entry) for entry in entries]
         steps = msg.get("steps", 1)
         if not scheduled:
             sampled = []
         elif steps > 1:
-            sampled = self._run_decode(scheduled, steps)
+            sampled = self._run_decode(scheduled, [entry.get("k", steps) for entry in entries])
         else:
             sampled = self._run(scheduled)
         return messages.pack({"sampled": sampled, "load_seconds": load_seconds})
@@ -160,29 +161,47 @@ class Worker:
             results.append([seq_id, toks])
         return results
 
-    def _run_decode(self, scheduled: list[tuple[int, SeqState, int]], steps: int) -> list:
-        """A decode run (see scheduler.py): `steps` forwards back to back, each one's input tokens the previous
-        one's samples, which stay on the device. The host reads the tokens once, at the end."""
+    def _run_decode(self, scheduled: list[tuple[int, SeqState, int]], lengths: list[int]) -> list:
+        """A decode run (see scheduler.py): forwards back to back, each one's input tokens the previous one's
+        samples, which stay on the device. Row r takes part in the first lengths[r] forwards, then leaves the
+        batch. The host reads the tokens once, at the end."""
         block_size = self.config.block_size
         states = [state for _, state, _ in scheduled]
+        active = list(range(len(states)))  # rows in this forward, in batch order
         pick = self._run_sampler(states)
+        first_ids = [state.tokens[state.computed - state.prefix_len] for state in states]
         tables = [state.table for state in states]
         starts = [state.computed for state in states]
-        first_ids = [state.tokens[state.computed - state.prefix_len] for state in states]
-        rows = list(range(len(states)))
-        ones = [1] * len(states)
-        tokens, previous = [], None
-        for i in range(steps):
+        ones, rows = [1] * len(states), list(range(len(states)))
+        forwards, previous = [], None  # (rows, their sampled tokens on the device) per forward
+        for i in range(max(lengths)):
+            keep = [j for j, row in enumerate(active) if lengths[row] > i]
+            if len(keep) < len(active):  # some rows are done: drop them from the batch and their samples
+                active = [active[j] for j in keep]
+                previous = previous.index_select(0, torch.tensor(keep).to(previous.device, non_blocking=True))
+                pick = self._run_sampler([states[row] for row in active])
+                first_ids, tables, starts = ([values[j] for j in keep] for values in (first_ids, tables, starts))
+                ones, rows = ones[:len(active)], rows[:len(active)]
             positions = [start + i for start in starts]
             slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)]
             step = StepInputs(first_ids, positions, slots, ones, [p + 1 for p in positions], tables, rows)
             previous = pick(self.runner.execute(step, input_ids=previous))
-            tokens.append(previous)
-        per_seq = torch.stack(tokens, dim=1).tolist()  # the one device sync of the run
+            forwards.append((active, previous))
+        # the one device sync of the run
+        if len(active) == len(states):  # every row ran every forward
+            per_row = torch.stack([tokens for _, tokens in forwards], dim=1).tolist()
+        else:
+            flat = torch.cat([tokens for _, tokens in forwards]).tolist()
+            per_row = [[] for _ in states]
+            at = 0
+            for members, _ in forwards:
+                for row, token in zip(members, flat[at: at + len(members)]):
+                    per_row[row].append(token)
+                at += len(members)
         results = []
-        for (seq_id, state, _), toks in zip(scheduled, per_seq):
+        for (seq_id, state, _), toks in zip(scheduled, per_row):
             state.tokens.extend(toks)
-            state.computed += steps
+            state.computed += len(toks)
             results.append([seq_id, toks])
         return results
 
