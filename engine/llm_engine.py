@@ -69,10 +69,15 @@ class EngineCore:
         # A sequence must fit the model's positions and, alone, the KV cache (one block spare for copy-on-write).
         cache_tokens = (self.executor.num_blocks - 1) * config.block_size
         self.max_model_len = min(self.spec.max_model_len, config.max_model_len or cache_tokens, cache_tokens)
-        if self.spec.sliding_window is not None and (config.max_model_len or 0) > self.max_model_len:
-            logger.warning("max_model_len %d is capped at %d: the model attends through a sliding window of %d "
-                           "tokens, which prefix-serve supports only up to the window's length.",
-                           config.max_model_len, self.max_model_len, self.spec.sliding_window)
+        if (config.max_model_len or 0) > self.max_model_len:
+            if self.max_model_len == cache_tokens:
+                reason = f"the KV cache holds {cache_tokens} tokens"
+            elif self.max_model_len == self.spec.sliding_window:
+                reason = (f"the model attends through a sliding window of {self.spec.sliding_window} tokens, "
+                          "served only up to its length")
+            else:
+                reason = "the model has no more positions"
+            logger.warning("max_model_len %d is capped at %d: %s.", config.max_model_len, self.max_model_len, reason)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.resolved_decode_steps(), self.max_model_len),
                                    self.block_manager)

@@ -386,7 +386,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Token budget of one step (default: 2048).")
     engine.add_argument("--max-model-len", type=int, default=None,
                         help="Context limit for prefix + prompt + output (default: the model's, capped by the "
-                             "KV cache).")
+                             "KV cache and by a sliding attention window).")
     engine.add_argument("--attention-backend", default=None, choices=available_backends(),
                         help="Attention kernel (default: the best available for the device).")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -146,7 +146,7 @@ def test_fused_decoder_layers_match_peft_forward(tiny_zoo, arch, monkeypatch):
     assert got == _expected(entry)
 
 
-def test_sliding_window_model_is_served_exactly_within_its_window(tiny_zoo, tmp_path):
+def test_sliding_window_model_is_served_exactly_within_its_window(tiny_zoo, tmp_path, caplog):
     """A model with a sliding attention window (here a Mistral of window 24) is served up to the window's length,
     where full attention and the model's windowed attention agree; the referee applies the window itself."""
     import json
@@ -160,8 +160,10 @@ def test_sliding_window_model_is_served_exactly_within_its_window(tiny_zoo, tmp_
     config = json.loads((model / "config.json").read_text())
     config["sliding_window"] = 24
     (model / "config.json").write_text(json.dumps(config))
-    llm = LLM(model=str(model), skip_tokenizer_init=True, block_size=4, max_model_len=200)
+    with caplog.at_level("WARNING", logger="prefix_serve.engine"):
+        llm = LLM(model=str(model), skip_tokenizer_init=True, block_size=4, max_model_len=200)
     assert llm.engine.max_model_len == 24
+    assert "capped at 24: the model attends through a sliding window of 24 tokens" in caplog.text
     llm.load_prefix("p5", str(entry["adapters"]["p5"]))
     prompt = list(range(60, 70))
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
