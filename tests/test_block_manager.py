@@ -179,3 +179,21 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_worker_slots_of_a_token_range_follow_the_block_table():
+    """The worker turns KV-stream indices into cache slots one block at a time (workers/worker.py)."""
+    import random
+
+    from workers.worker import extend_slots
+
+    rng = random.Random(0)
+    for _ in range(500):
+        block_size = rng.choice([1, 4, 16, 64])
+        length = rng.randrange(1, 300)
+        table = rng.sample(range(1000), -(-length // block_size))
+        start = rng.randrange(length)
+        end = rng.randrange(start, length + 1)
+        slots = [-1]
+        extend_slots(slots, table, start, end, block_size)
+        assert slots == [-1] + [table[i // block_size] * block_size + i % block_size for i in range(start, end)]

@@ -136,7 +136,7 @@ class Worker:
                 first = start - state.prefix_len
                 ids.extend(state.tokens[first:first + num_new])
                 positions.extend(range(start, end))
-                slots.extend(table[i // block_size] * block_size + i % block_size for i in range(start, end))
+                extend_slots(slots, table, start, end, block_size)
             step.query_lens.append(num_new)
             step.seq_lens.append(end)
             step.block_tables.append(table)
@@ -218,6 +218,17 @@ class Worker:
         top_p = torch.tensor([s["top_p"] for s in settings], dtype=torch.float32).to(device)
         filtered = any(s["temperature"] != 0 and (s["top_k"] > 0 or s["top_p"] < 1) for s in settings)
         return lambda logits: sample_on_device(logits, temperature, top_k, top_p, filtered)
+
+
+def extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """Append the cache slots of KV-stream indices start .. end - 1: one range per block, not one sum per token
+    (a long prefill chunk has thousands of tokens and a handful of blocks)."""
+    while start < end:
+        block = start // block_size
+        stop = min(end, (block + 1) * block_size)
+        offset = (table[block] - block) * block_size  # slot of index i in this block: offset + i
+        slots.extend(range(offset + start, offset + stop))
+        start = stop
 
 
 def _sample_row(state: SeqState) -> SampleRow | None:
