@@ -37,7 +37,8 @@ if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 800000
 fi
 START=$(date +%s)
 PARTS=${GPU_CHECK_PARTS:-}
-if [ -n "$PARTS" ] && [ ! -f "$WORK/setup.done" ]; then PARTS="$PARTS setup"; fi
+LAYERS=${GPU_BENCH_LAYERS:-16}
+if [ -n "$PARTS" ] && [ "$(cat "$WORK/setup.done" 2>/dev/null)" != "$LAYERS" ]; then PARTS="$PARTS setup"; fi
 mkdir -p "$OUT"
 if [ -z "$PARTS" ]; then rm -f "$OUT"/*.json "$OUT"/*.log; fi
 PY=${PYTHON:-python3}
@@ -50,14 +51,14 @@ run_part() {
   local name=$1 cap=$2
   shift 2
   if ! wanted "$name"; then return 0; fi
-  rm -f "$OUT/$name.log" "$OUT/$name.json"
-  if [ "$name" = parity ]; then rm -f "$OUT/engine.json"; fi
   local left=$(( BUDGET - $(elapsed) - 15 ))
   local limit=$(( cap < left ? cap : left ))
   if [ "$limit" -lt 20 ]; then
     echo "SKIP $name: out of time ($(elapsed) s used of $BUDGET)"
     return 1
   fi
+  rm -f "$OUT/$name.log" "$OUT/$name.json"
+  if [ "$name" = parity ]; then rm -f "$OUT/engine.json"; fi
   echo "=== $name (limit ${limit} s, at $(elapsed) s) ==="
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "Warning|warnings.warn|^\s*$|forward_call|warn\(" | cut -c1-400
@@ -81,9 +82,11 @@ if "$PY" -c "import pytest" 2>/dev/null; then
 else
   echo "SKIP gputests: pytest is not installed"
 fi
-if wanted setup; then rm -f "$WORK/setup.done"; fi
-run_part setup 70 "$PY" -m benchmarks.gpu_bench setup --dir "$WORK" --out "$OUT/setup.json" \
-  ${GPU_BENCH_LAYERS:+--num-layers "$GPU_BENCH_LAYERS"} && mkdir -p "$WORK" && touch "$WORK/setup.done"
+if wanted setup; then
+  rm -f "$WORK/setup.done"
+  run_part setup 70 "$PY" -m benchmarks.gpu_bench setup --dir "$WORK" --out "$OUT/setup.json" \
+    ${GPU_BENCH_LAYERS:+--num-layers "$GPU_BENCH_LAYERS"} && mkdir -p "$WORK" && echo "$LAYERS" > "$WORK/setup.done"
+fi
 run_part ours 150 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours.json" --max-num-seqs 256
 run_part peft 70 "$PY" -m benchmarks.gpu_bench peft --dir "$WORK" --out "$OUT/peft.json"
 CB_REQUESTS=512

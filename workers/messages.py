@@ -6,7 +6,7 @@ StepMessage (engine -> worker), version 3:
    "prefix_loads": [{"name", "path", "blocks", "num_tokens"}],   # materialize into these blocks first
    "copies": [[src_block, dst_block], ...],    # copy-on-write, after the loads, before the forward
    "seqs": [entry, ...],                       # scheduled sequences, in batch order
-   "steps": K}                                 # K > 1: a decode run of up to K forwards, every "n" is 1
+   "steps": K}                                 # K > 1: a decode run of K forwards, every "n" is 1
   entry for a sequence the worker has not seen (or that was preempted):
    {"id", "n" (tokens this step), "new": 1, "tokens", "prompt_len", "prefix_len", "computed", "table",
     "sampling": {"temperature", "top_p", "top_k", "seed"}, "index" (sample index), "fork_ids": [...]}

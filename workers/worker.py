@@ -168,7 +168,7 @@ class Worker:
         block_size = self.config.block_size
         states = [state for _, state, _ in scheduled]
         active = list(range(len(states)))  # rows in this forward, in batch order
-        pick = self._run_sampler(states)
+        pick = RunSampler([state.sampling for state in states], self.runner.device)
         first_ids = [state.tokens[state.computed - state.prefix_len] for state in states]
         tables = [state.table for state in states]
         starts = [state.computed for state in states]
@@ -178,8 +178,9 @@ class Worker:
             keep = [j for j, row in enumerate(active) if lengths[row] > i]
             if len(keep) < len(active):  # some rows are done: drop them from the batch and their samples
                 active = [active[j] for j in keep]
-                previous = previous.index_select(0, torch.tensor(keep).to(previous.device, non_blocking=True))
-                pick = self._run_sampler([states[row] for row in active])
+                index = torch.tensor(keep).to(previous.device, non_blocking=True)
+                previous = previous.index_select(0, index)
+                pick = pick.select(index)
                 first_ids, tables, starts = ([values[j] for j in keep] for values in (first_ids, tables, starts))
                 ones, rows = ones[:len(active)], rows[:len(active)]
             positions = [start + i for start in starts]
@@ -205,19 +206,32 @@ class Worker:
             results.append([seq_id, toks])
         return results
 
-    def _run_sampler(self, states: list[SeqState]):
-        """logits -> tokens on the device for a decode run: argmax when every row is greedy, else per-row
-        temperature / top-k / top-p (the scheduler puts no seeded sampling row in a run)."""
-        settings = [state.sampling for state in states]
-        if all(s["temperature"] == 0 for s in settings):
-            return lambda logits: logits.argmax(dim=-1)
+
+class RunSampler:
+    """logits -> tokens on the device for a decode run: argmax when every row is greedy, else per-row
+    temperature / top-k / top-p (the scheduler puts no seeded sampling row in a run)."""
+
+    def __init__(self, settings: list[dict], device: torch.device):
+        self.greedy = all(s["temperature"] == 0 for s in settings)
+        if self.greedy:
+            return
         assert all(s["seed"] is None or s["temperature"] == 0 for s in settings), "seeded row in a decode run"
-        device = self.runner.device
-        temperature = torch.tensor([s["temperature"] for s in settings], dtype=torch.float32).to(device)
-        top_k = torch.tensor([s["top_k"] for s in settings], dtype=torch.long).to(device)
-        top_p = torch.tensor([s["top_p"] for s in settings], dtype=torch.float32).to(device)
-        filtered = any(s["temperature"] != 0 and (s["top_k"] > 0 or s["top_p"] < 1) for s in settings)
-        return lambda logits: sample_on_device(logits, temperature, top_k, top_p, filtered)
+        self.temperature = torch.tensor([s["temperature"] for s in settings], dtype=torch.float32).to(device)
+        self.top_k = torch.tensor([s["top_k"] for s in settings], dtype=torch.long).to(device)
+        self.top_p = torch.tensor([s["top_p"] for s in settings], dtype=torch.float32).to(device)
+        self.filtered = any(s["temperature"] != 0 and (s["top_k"] > 0 or s["top_p"] < 1) for s in settings)
+
+    def select(self, index: torch.Tensor) -> "RunSampler":
+        """This sampler for the rows `index` (a device tensor) only, without a trip through the host."""
+        if not self.greedy:
+            self.temperature, self.top_k, self.top_p = (t.index_select(0, index)
+                                                        for t in (self.temperature, self.top_k, self.top_p))
+        return self
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        return sample_on_device(logits, self.temperature, self.top_k, self.top_p, self.filtered)
 
 
 def extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
