@@ -20,11 +20,11 @@
 #   8. ours_plain  decode_steps=1 and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off): the engine of the
 #                earlier runs, for the fused layers' gain; with its own kernel profile       ~40 s
 #   9. ours512   ours again with max_num_seqs=512
-#  10. ours16    ours with decode runs of up to 16 forwards (the default is 8)             ~40 s
+#  10. ours8     ours with decode runs of up to 8 forwards (the default is 16)             ~40 s
 # Parts 7-10 run only while time is left.
 # Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
 # GPU_BENCH_LAYERS (the benchmark model's layer count, default 16), GPU_CHECK_PARTS (a rerun of some parts on a
-# warm machine, e.g. "ours ours16": only those run, other parts' results in GPU_CHECK_OUT are kept for the
+# warm machine, e.g. "ours ours8": only those run, other parts' results in GPU_CHECK_OUT are kept for the
 # summary; setup runs too when its model is missing).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -105,8 +105,8 @@ if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
     --no-profile
 fi
 if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
-  run_part ours16 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours16.json" --max-num-seqs 256 \
-    --decode-steps 16 --no-profile
+  run_part ours8 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours8.json" --max-num-seqs 256 \
+    --decode-steps 8 --no-profile
 fi
 
 echo "total $(elapsed) s; logs and JSON in $OUT"

@@ -236,8 +236,8 @@ def run_engine(out: str | None, device: str, archs: list[str], deadline: float, 
             results.put(f"{arch}", f"FAIL: {failure_reason(exc)}")
             continue
         # with the fused layers (the CUDA default): one forward per engine step, eager and as graphs, then decode
-        # runs of up to 8 forwards (the CUDA default); last, graphs with Hugging Face's layers, to tell a fault
-        # of the fused layers from one of the rest
+        # runs of up to 8 forwards (rows leave them at different forwards); last, graphs with Hugging Face's
+        # layers, to tell a fault of the fused layers from one of the rest
         for graphs, decode_steps, fused in (("off", 1, "auto"), ("on", 1, "auto"), ("on", 8, "auto"),
                                             ("on", 1, "off")):
             name = (f"{arch} graphs={graphs}" + (f" runs={decode_steps}" if decode_steps > 1 else "")

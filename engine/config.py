@@ -25,8 +25,8 @@ class EngineConfig:
     host_prefix_cache_size: int | None = None
     allowed_prefix_roots: tuple[str, ...] = ()  # where prefix paths from requests may point
     # decode forwards run back to back on the device per engine step, when nothing waiting could start and no
-    # running sequence samples with a seed (scheduler/scheduler.py). None: 8 on GPUs, where it hides the host's
-    # per-step work; 1 on CPU
+    # running sequence samples with a seed (scheduler/scheduler.py). None: 16 on GPUs, where it hides the host's
+    # per-step work (docs/gpu.md has the measurements); 1 on CPU
     decode_steps: int | None = None
 
     def resolved_decode_steps(self) -> int:
@@ -34,7 +34,7 @@ class EngineConfig:
             if not isinstance(self.decode_steps, int) or isinstance(self.decode_steps, bool) or self.decode_steps < 1:
                 raise ValueError(f"decode_steps must be an integer of at least 1 (or None), got {self.decode_steps!r}.")
             return self.decode_steps
-        return 8 if str(self.device).startswith("cuda") else 1
+        return 16 if str(self.device).startswith("cuda") else 1
 
     def resolved_host_prefix_cache_size(self) -> int:
         if self.host_prefix_cache_size is not None:

@@ -400,7 +400,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--decode-steps", type=int, default=None,
                         help="Decode steps run back to back on the device per engine step when nothing waiting "
                              "could start (not for requests with a seed); tokens then stream in groups of up to "
-                             "this many (default: 8 on GPUs, 1 on CPU).")
+                             "this many (default: 16 on GPUs, 1 on CPU).")
     parser.set_defaults(func=run)
     return parser
 

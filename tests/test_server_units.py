@@ -238,7 +238,7 @@ def test_serve_help_lists_its_options():
 def test_decode_steps_setting_is_checked():
     from engine.config import EngineConfig
 
-    assert EngineConfig(device="cuda").resolved_decode_steps() == 8
+    assert EngineConfig(device="cuda").resolved_decode_steps() == 16
     assert EngineConfig().resolved_decode_steps() == 1
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="decode_steps must be an integer"):

@@ -66,7 +66,10 @@ def _next_pow2(x: int) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    # Triton compiles a variant per value class of an integer argument (1, a multiple of 16, other) and per
+    # 16-byte alignment of a pointer. The block-table width and the prefill tile table change from step to step,
+    # so specializing on them would compile new variants while serving (a stall of a few hundred ms each).
+    @triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=["tile_seq_ptr", "tile_tok_ptr"])
     def _paged_attention_kernel(
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
         block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, tile_seq_ptr, tile_tok_ptr,
