@@ -585,7 +585,7 @@ def _parity_rows(results_dir: Path) -> list[tuple[str, str, str]]:
                  if any(word in line for word in (" passed", " failed", " error", "no tests ran"))]
         last = lines[-1].strip(" =") if lines else "no pytest summary line"
         ok = " passed" in last and " failed" not in last and " error" not in last
-        rows.append(("pytest -m gpu", last[:40], "PASS" if ok else "FAIL"))
+        rows.append(("pytest -m gpu", last.split(" in ")[0][:40], "PASS" if ok else "FAIL"))
     return rows
 
 
@@ -698,7 +698,7 @@ def part_summary(args) -> int:
     print(f"prefix-serve GPU check: {setup.get('device', '?')} | {setup.get('versions', '?')}")
     print("=" * 110)
     for name, value, note in rows:
-        print(f"{name:<{width}}{value:<20}{note}")
+        print(f"{name:<{width}}{value:<20} {note}")
     return 0
 
 
