@@ -31,6 +31,28 @@ def write_random_prefix(out_dir: Path, spec, num_virtual_tokens: int, seed: int,
     return out_dir
 
 
+def _tiny_llama(path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def tiny_model_and_prefixes(tmp: Path, count: int) -> tuple[Path, list[Path]]:
+    """A 2-layer, hidden-64 Llama under `tmp`/model (the host-work benchmarks' model: its forward costs almost
+    nothing) and `count` random P=16 prefixes for it."""
+    from transformers import AutoConfig
+
+    from engine.model_loader import ModelSpec
+
+    model_dir = tmp / "model"
+    _tiny_llama(model_dir)
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(model_dir))
+    return model_dir, [write_random_prefix(tmp / f"p{i}", spec, 16, seed=i) for i in range(count)]
+
+
 def random_prompts(count: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """Random token ids away from both ends of the vocabulary (where special tokens usually sit)."""
     generator = torch.Generator().manual_seed(seed)

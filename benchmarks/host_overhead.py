@@ -19,28 +19,6 @@ from pathlib import Path
 import torch
 
 
-def _tiny_llama(path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    LlamaForCausalLM(config).save_pretrained(path)
-
-
-def tiny_model_and_prefixes(tmp: Path, count: int) -> tuple[Path, list[Path]]:
-    """The tiny Llama under `tmp`/model and `count` random P=16 prefixes for it."""
-    from transformers import AutoConfig
-
-    from benchmarks.common import write_random_prefix
-    from engine.model_loader import ModelSpec
-
-    model_dir = tmp / "model"
-    _tiny_llama(model_dir)
-    spec = ModelSpec.from_config(AutoConfig.from_pretrained(model_dir))
-    return model_dir, [write_random_prefix(tmp / f"p{i}", spec, 16, seed=i) for i in range(count)]
-
-
 def _timed(stages: dict, name: str, fn):
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -108,6 +86,8 @@ def main() -> None:
                         help="the model runner returns zero logits at once: time host work only")
     args = parser.parse_args()
     torch.set_num_threads(1)
+
+    from benchmarks.common import tiny_model_and_prefixes
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, prefixes = tiny_model_and_prefixes(Path(tmp), args.prefixes)

@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from benchmarks.host_overhead import tiny_model_and_prefixes
+    from benchmarks.common import tiny_model_and_prefixes
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, prefixes = tiny_model_and_prefixes(Path(tmp), 16)

@@ -170,7 +170,7 @@ def test_sliding_window_model_is_served_exactly_within_its_window(tiny_zoo, tmp_
     out = llm.generate([{"prompt_token_ids": prompt}], params, prefix="p5", use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 24 - 5 - len(prompt)
     assert out.token_ids == peft_forward_greedy(model, entry["adapters"]["p5"], prompt, len(out.token_ids))
-    with pytest.raises(PromptTooLongError):
+    with pytest.raises(PromptTooLongError, match="exceeds the maximum context of 24 tokens"):
         llm.generate([{"prompt_token_ids": list(range(60, 79))}], params, prefix="p5", use_tqdm=False)
 
 

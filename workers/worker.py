@@ -174,9 +174,10 @@ class Worker:
         starts = [state.computed for state in states]
         ones, rows = [1] * len(states), list(range(len(states)))
         forwards, previous = [], None  # (rows, their sampled tokens on the device) per forward
+        ends = set(lengths)  # the forwards before which some rows leave
         for i in range(max(lengths)):
-            keep = [j for j, row in enumerate(active) if lengths[row] > i]
-            if len(keep) < len(active):  # some rows are done: drop them from the batch and their samples
+            if i in ends:  # some rows are done: drop them from the batch and their samples
+                keep = [j for j, row in enumerate(active) if lengths[row] > i]
                 active = [active[j] for j in keep]
                 index = torch.tensor(keep).to(previous.device, non_blocking=True)
                 previous = previous.index_select(0, index)
