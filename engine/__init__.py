@@ -13,8 +13,8 @@ _EXPORTS = {
     "CompletionOutput": "engine.outputs",
     **{name: "engine.errors" for name in (
         "PrefixServeError", "AdapterMismatchError", "InvalidAdapterError", "InvalidPromptError",
-        "InvalidSamplingParamsError", "PrefixPathError", "PromptTooLongError", "UnknownPrefixError",
-        "UnsupportedModelError")},
+        "InvalidSamplingParamsError", "PrefixLoadError", "PrefixPathError", "PromptTooLongError",
+        "UnknownPrefixError", "UnsupportedModelError")},
 }
 
 __all__ = list(_EXPORTS)

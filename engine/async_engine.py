@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.engine_process import EngineProcessOptions, pack, run_engine_process, unpack
-from engine.errors import PrefixServeError
+from engine.errors import InvalidPromptError, PrefixServeError
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("prefix_serve.async_engine")
@@ -59,7 +59,7 @@ class RequestUpdate:
     samples: list[SampleUpdate]
     finished: bool
     time: float  # when the reader thread received it (time.monotonic)
-    error: dict | None = None  # set when the engine died: {"status", "type", "message"}
+    error: dict | None = None  # the engine died, or this request failed: {"status", "type", "message"}
 
 
 class IncrementalDetokenizer:
@@ -186,12 +186,16 @@ class AsyncEngineClient:
         """Queue a request in the engine. Raises the engine's validation error (with its HTTP status)."""
         if self.dead is not None:
             raise EngineDeadError(f"The engine process is not running ({self.dead}).")
+        try:
+            data = pack({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": _wire(params),
+                         "prefix": prefix})
+        except (OverflowError, TypeError, ValueError) as exc:  # e.g. a token id beyond 64 bits
+            raise InvalidPromptError(f"The request holds a value that cannot be sent to the engine: {exc}.") from None
         holdback = max((len(s) for s in params.stop_strings), default=1) - 1
         self._requests[request_id] = _RequestState(sink, tag, stream, holdback)
         future = self._loop.create_future()
         self._pending[request_id] = future
-        self._send({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": _wire(params),
-                    "prefix": prefix})
+        self._out.put(data)
         try:
             reply = await future
         except BaseException:
@@ -263,12 +267,13 @@ class AsyncEngineClient:
         """Turn a batch's outputs into per-request updates (runs in the reader thread)."""
         now = time.monotonic()
         deliveries = []
-        for request_id, finished, samples in msg.get("outputs", ()):
+        for request_id, finished, samples, *error in msg.get("outputs", ()):
             state = self._requests.get(request_id)
             if state is None:  # aborted meanwhile
                 continue
             updates = [self._sample_update(state, *sample) for sample in samples]
-            deliveries.append((state.sink, RequestUpdate(request_id, state.tag, updates, finished, now)))
+            deliveries.append((state.sink, RequestUpdate(request_id, state.tag, updates, finished, now,
+                                                         error[0] if error else None)))
             if finished:
                 self._requests.pop(request_id, None)
         return deliveries

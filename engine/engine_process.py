@@ -16,7 +16,8 @@ Engine -> frontend:
   {"op": "fatal", "message"}       # the loop crashed; the process exits next
   {"op": "batch",
    "replies": [{"id" | "call_id", "ok": bool, "result" | "error": {"status", "type", "message"}}, ...],
-   "outputs": [[request_id, finished, [[index, new_token_ids, finish_reason, stop_reason, final_text], ...]], ...],
+   "outputs": [[request_id, finished, [[index, new_token_ids, finish_reason, stop_reason, final_text], ...]
+                (, error: {"status", "type", "message"} when the request failed after it was accepted)], ...],
    "load_seconds": [float, ...],           # prefix loads since the last batch (for the latency histogram)
    "step_seconds": float | null}           # how long the step that produced these outputs took
 A sample appears in "outputs" only when it gained tokens or finished. `final_text` is null until the sample
@@ -39,7 +40,7 @@ from pathlib import Path
 import msgpack
 
 from engine.config import EngineConfig
-from engine.errors import PrefixServeError
+from engine.errors import PrefixLoadError, PrefixServeError
 from engine.sampling_params import SamplingParams
 
 VERSION = 1
@@ -162,7 +163,9 @@ class EngineLoop:
                                 final_text])
             if out.finished:
                 del self._tracked[out.request_id]
-            if samples or out.finished:
+            if out.error is not None:
+                wire.append([out.request_id, True, samples, error_payload(PrefixLoadError(out.error))])
+            elif samples or out.finished:
                 wire.append([out.request_id, out.finished, samples])
         self._flush(wire, step_seconds)
 
@@ -175,7 +178,6 @@ class EngineLoop:
             for request_id in msg["ids"]:
                 self._tracked.pop(request_id, None)
                 self.engine.abort_request(request_id)
-            self._free_retired_prefixes()
         elif op == "call":
             self._call(msg)
         elif op == "shutdown":
@@ -266,14 +268,6 @@ class EngineLoop:
                 "requests": len(engine.requests), "running": engine.num_running(), "waiting": engine.num_waiting(),
                 "resident_prefixes": len(bm.resident_prefixes()), "tracked": len(self._tracked),
                 "steps": engine.stats.steps, "decode_run_steps": engine.stats.decode_run_steps}
-
-    def _free_retired_prefixes(self) -> None:
-        # EngineCore frees an unloaded prefix's blocks when a request *finishes*, but not after an abort.
-        # Until the core does that too, do it here so an aborted last user does not leave them resident.
-        evict = getattr(self.engine, "_evict_retired", None)
-        if evict is not None and getattr(self.engine, "_retired", None):
-            evict()
-
 
 def _is_plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name

@@ -24,6 +24,13 @@ class UnknownPrefixError(PrefixServeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PrefixLoadError(PrefixServeError):
+    """A registered prefix's adapter could not be read when a request needed it (its file was removed or
+    damaged after registration). Only the requests that needed it fail; the next one tries the file again."""
+
+    http_status = 500
+
+
 class InvalidAdapterError(PrefixServeError, ValueError):
     """An adapter directory is not a usable PEFT prefix-tuning adapter (wrong type, corrupt, pickled)."""
 

@@ -42,7 +42,9 @@ class LLM:
                  prefix: str | None | Seq[str | None] = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; each prompt may use a different prefix (or None for the bare model).
 
-        All prompts are validated before any is queued, so a bad one raises without starting the others.
+        All prompts are validated before any is queued, so a bad one raises without starting the others. A
+        prompt whose prefix cannot be read when it is needed (its file removed or damaged after `load_prefix`)
+        comes back with finish_reason "error" and the reason in `RequestOutput.error`; the others are unaffected.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]

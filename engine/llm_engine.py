@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.errors import InvalidPromptError, PrefixServeError, PromptTooLongError
+from engine.errors import InvalidPromptError, InvalidSamplingParamsError, PrefixServeError, PromptTooLongError
 from engine.model_loader import ModelSpec, resolve_model_path
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.prefix_registry import PrefixRegistry
@@ -91,6 +91,7 @@ class EngineCore:
         self._prefix_paths: dict[str, str] = {}  # cache key -> adapter path (kept while its blocks may be resident)
         self._registrations = itertools.count()
         self._retired: set[str] = set()  # keys of unloaded prefixes whose blocks may still be in use
+        self._key_requests: dict[str, int] = {}  # cache key -> unfinished requests on it (running or waiting)
         self._stream: set[str] = set()  # requests that want text after every step
         # step() reports every request that changed; offline callers that only read finished outputs turn
         # this off and skip building an output per running request per step
@@ -98,11 +99,11 @@ class EngineCore:
 
     # ---- prefixes -------------------------------------------------------------------------------------------
     def load_prefix(self, name: str, path: str, check_path: bool = False) -> None:
-        """Register a PEFT prefix adapter. Its tensors are read when a request first needs it."""
+        """Register a PEFT prefix adapter (config and tensor header checked now; its data is read when a request
+        first needs it). A failed check raises and changes nothing."""
         if check_path:
             self.registry.check_path_allowed(path)
-        info = self.registry.register(name, path)
-        self.registry.ensure_tensor_ok(name)
+        info = self.registry.register(name, path, check_tensor=True)  # on failure the old registration stays
         self._retire_prefix(name)
         key = f"{name}#{next(self._registrations)}"
         self._prefix_keys[name] = key
@@ -130,8 +131,12 @@ class EngineCore:
             self._evict_retired()
 
     def _evict_retired(self) -> None:
-        """Free the blocks of unloaded or replaced prefixes as soon as no sequence uses them."""
+        """Free the blocks of unloaded or replaced prefixes once no unfinished request needs them. A request
+        accepted before the unload still runs on the old registration, even if it waits or was preempted (it
+        may have to load the prefix again, from the old path)."""
         for key in list(self._retired):
+            if self._key_requests.get(key):
+                continue
             self.block_manager.evict_prefix(key)
             if not self.block_manager.is_resident(key):
                 self._retired.discard(key)
@@ -155,6 +160,10 @@ class EngineCore:
             raise PrefixServeError(f"Request id {request_id!r} is already in use.")
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt or "")
+        if params.n > self.scheduler.config.max_num_seqs:
+            raise InvalidSamplingParamsError(
+                f"n={params.n} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}: a request's samples run "
+                "in one batch.")
         prompt_token_ids = list(prompt_token_ids)
         if not prompt_token_ids:
             raise InvalidPromptError("The prompt is empty: give at least one token.")
@@ -174,18 +183,31 @@ class EngineCore:
                        fork_ids=[next(self._seq_ids) for _ in range(params.n - 1)])
         request.sequences.append(seq)
         self.requests[request_id] = request
+        if key is not None:
+            self._key_requests[key] = self._key_requests.get(key, 0) + 1
         if stream:
             self._stream.add(request_id)
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
-        self._stream.discard(request_id)
+        request = self.requests.get(request_id)
         if request is None:
             return
         for seq in request.sequences:
             self.scheduler.finish(seq, "abort")
+        self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        """A finished or aborted request leaves the engine: counted, and its prefix released."""
+        if self.requests.pop(request.request_id, None) is None:
+            return  # already gone
+        self._stream.discard(request.request_id)
         self._count_finished(request)
+        key = request.prefix
+        if key is not None:
+            self._key_requests[key] -= 1
+            if not self._key_requests[key]:
+                del self._key_requests[key]
         if self._retired:
             self._evict_retired()
 
@@ -207,7 +229,27 @@ class EngineCore:
         result = messages.unpack(self.executor.execute(self._step_message(scheduled)))
         if not scheduled.scheduled:  # only sequences to forget (e.g. aborted while nothing else runs)
             return []
-        return self._update(scheduled, result)
+        failed = self._fail_prefix_loads(scheduled, result["failed_loads"]) if result.get("failed_loads") else []
+        return failed + self._update(scheduled, result)
+
+    def _fail_prefix_loads(self, out: SchedulerOutput, failed: dict[str, str]) -> list[RequestOutput]:
+        """Fail the requests whose prefix the worker could not materialize (it left their sequences out), and
+        drop the prefix's blocks, so the next request that names it reads its file again."""
+        now = time.monotonic()
+        outputs = []
+        for key, reason in failed.items():
+            logger.error("prefix %s (%s) could not be materialized: %s", key, self._prefix_paths.get(key), reason)
+            for item in out.scheduled:
+                request = item.seq.request
+                if item.is_new and request.prefix == key and request.request_id in self.requests:
+                    for seq in request.sequences:
+                        self.scheduler.finish(seq, "error")
+                    output = self._output(request, now)
+                    output.error = (f"The prefix {request.prefix_name!r} could not be loaded from "
+                                    f"{self._prefix_paths.get(key)}: {reason}")
+                    outputs.append(output)
+            self.block_manager.evict_prefix(key)  # no sequence holds it any more
+        return outputs
 
     def _step_message(self, out: SchedulerOutput) -> bytes:
         loads = [{"name": e.name, "path": self._prefix_paths[e.name], "blocks": e.block_ids,
@@ -220,7 +262,8 @@ class EngineCore:
                 entry.update(new=1, tokens=seq.token_ids, prompt_len=len(seq.request.prompt_token_ids),
                              prefix_len=seq.num_prefix_tokens, computed=seq.num_computed_tokens,
                              table=self.block_manager.tables[seq.seq_id], sampling=seq.request.params.to_wire(),
-                             index=seq.sample_index, fork_ids=seq.fork_ids if seq.needs_fork else [])
+                             index=seq.sample_index, fork_ids=seq.fork_ids if seq.needs_fork else [],
+                             prefix=seq.request.prefix)
             elif item.table_from < len(self.block_manager.tables[seq.seq_id]):
                 entry.update(table_from=item.table_from,
                              table_tail=self.block_manager.tables[seq.seq_id][item.table_from:])
@@ -251,6 +294,8 @@ class EngineCore:
         changed: dict[str, Request] = {}
         for seq_id, tokens in result["sampled"]:
             seq = by_id[seq_id]
+            if seq.status is SequenceStatus.FINISHED:  # its request failed this step (_fail_prefix_loads)
+                continue
             request = seq.request
             if request.first_token_time is None:
                 request.first_token_time = now
@@ -358,16 +403,12 @@ class EngineCore:
                                metrics={"arrival_time": request.arrival_time,
                                         "first_token_time": request.first_token_time, "now": now})
         if finished:
-            self.requests.pop(request.request_id, None)
-            self._stream.discard(request.request_id)
-            self._count_finished(request)
-            if self._retired:
-                self._evict_retired()
+            self._forget(request)
         return output
 
     def _count_finished(self, request: Request) -> None:
         reasons = {seq.finish_reason for seq in request.sequences}
-        reason = next(r for r in ("abort", "length", "stop") if r in reasons or r == "stop")
+        reason = next(r for r in ("error", "abort", "length", "stop") if r in reasons or r == "stop")
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ---- checks ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -57,7 +57,8 @@ class EngineStatsCollector:
         yield counter("generation_tokens", "Tokens generated, over all samples.", "generation_tokens")
         finished = CounterMetricFamily("prefix_serve_requests_finished", "Requests finished, by reason: stop "
                                        "(EOS or stop string/token), length (max_tokens or context), abort "
-                                       "(client disconnected or cancelled).", labels=["reason"])
+                                       "(client disconnected or cancelled), error (its prefix could not be "
+                                       "materialized).", labels=["reason"])
         counts = s.get("finished", {})
         for reason in FINISH_REASONS:
             finished.add_metric([reason], counts.get(reason, 0))

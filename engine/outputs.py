@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -27,3 +27,4 @@ class RequestOutput:
     finished: bool
     prefix: str | None = None
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # why the request failed after it was accepted (finish_reason "error"), else None

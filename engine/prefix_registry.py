@@ -1,8 +1,8 @@
 """Prefix registry: names -> PEFT prefix-tuning adapter directories, checked against the base model.
 
-Registering reads only `adapter_config.json`, so a directory of thousands of prefixes registers quickly; the
-tensor file's header is checked the first time a request needs the prefix, and its data is read by the worker
-that materializes it into KV blocks. Nothing is ever unpickled.
+Registering a directory reads only `adapter_config.json`, so thousands of prefixes register quickly; the
+tensor file's header is checked the first time a request needs the prefix (`load_prefix` checks it at once),
+and its data is read by the worker that materializes it into KV blocks. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -55,16 +55,24 @@ class PrefixRegistry:
         if not self.allowed_roots:
             raise PrefixPathError("Loading prefixes by path is disabled: start the server with --prefix-dir "
                                   "(or --allowed-prefix-root) to allow paths under that directory.")
+        if "\x00" in path:
+            raise InvalidAdapterError("A prefix path cannot contain a NUL character.")
         resolved = Path(path).resolve()
         if not any(resolved.is_relative_to(root) for root in self.allowed_roots):
             roots = ", ".join(str(r) for r in self.allowed_roots)
             raise PrefixPathError(f"Prefix path {path!r} is outside the allowed prefix roots ({roots}).")
 
-    def register(self, name: str, path: str) -> PrefixInfo:
-        """Check an adapter's config against the base model and register it under `name` (replacing any)."""
+    def register(self, name: str, path: str, check_tensor: bool = False) -> PrefixInfo:
+        """Check an adapter's config (and with `check_tensor` its tensor header) against the base model, then
+        register it under `name`, replacing any. A failed check leaves the registry as it was."""
         if not name or not isinstance(name, str):
             raise InvalidAdapterError(f"A prefix needs a non-empty name, got {name!r}.")
+        if "\x00" in str(path):
+            raise InvalidAdapterError("A prefix path cannot contain a NUL character.")
         info = PrefixInfo(name, str(path), read_adapter_config(path, self.spec))
+        if check_tensor:
+            check_adapter_tensor(info.path, self.spec, info.num_virtual_tokens)
+            info.tensor_checked = True
         self._prefixes[name] = info
         return info
 

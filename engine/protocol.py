@@ -215,6 +215,8 @@ def parse_load_prefix(body: dict) -> tuple[str, str]:
         _bad("'prefix_name' must be a non-empty string.")
     if not isinstance(path, str) or not path:
         _bad("'prefix_path' must be a non-empty string (a PEFT prefix-tuning adapter directory).")
+    if "\x00" in path:
+        _bad("'prefix_path' cannot contain a NUL character.")
     return name, path
 
 

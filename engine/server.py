@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from engine import protocol
 from engine.async_engine import raise_for
-from engine.errors import PrefixServeError
+from engine.errors import PrefixServeError, PromptTooLongError
 from engine.metrics import RequestTimer
 
 logger = logging.getLogger("prefix_serve.server")
@@ -86,8 +87,9 @@ class Generation:
         timers = {rid: RequestTimer(self.server.metrics, self.arrival) for rid in self.ids}
         while self._unfinished:
             update = await self.sink.get()
-            if update.error is not None:  # the engine died
-                self._unfinished.clear()
+            if update.error is not None:  # the engine died, or this prompt failed after it was queued
+                self._unfinished.discard(update.request_id)
+                self.close()  # abort the request's other prompts
                 raise_for(update.error)
             timer = timers[update.request_id]
             new_tokens = max((len(s.token_ids) for s in update.samples), default=0)
@@ -108,12 +110,19 @@ class Generation:
 class OpenAIServer:
     def __init__(self, client, tokenizer, settings: ServerSettings, metrics):
         self.client = client
-        self.tokenizer = tokenizer  # for encoding, on the event loop; the client decodes with its own copy
+        self.tokenizer = tokenizer  # for encoding, in its own thread; the client decodes with its own copy
+        # One thread: a long prompt is tokenized off the event loop, and a fast tokenizer is never used by two
+        # threads at once.
+        self._tokenize_thread = ThreadPoolExecutor(1, thread_name_prefix="prefix-serve-tokenize")
+        self.max_prompt_chars = max_prompt_chars(tokenizer, settings.max_model_len)
         self.settings = settings
         self.metrics = metrics
         self.base_name = settings.served_model_names[0]
         client.on_load_seconds = metrics.prefix_load.observe
         client.on_step_seconds = metrics.engine_step.observe
+
+    def close(self) -> None:
+        self._tokenize_thread.shutdown(wait=False, cancel_futures=True)
 
     # ---- app ------------------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -169,7 +178,7 @@ class OpenAIServer:
     async def _body(self, request: web.Request) -> dict:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise protocol.BadRequestError(f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise protocol.BadRequestError("The request body must be a JSON object.")
@@ -223,22 +232,34 @@ class OpenAIServer:
         return json_response(await self.client.call("debug_state"))
 
     # ---- completions ----------------------------------------------------------------------------------------
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            return prompt
-        return self.tokenizer(prompt).input_ids  # as LLM.generate does, special tokens included
+    def _check_prompt_chars(self, text: str) -> None:
+        """Refuse, before tokenizing it, a text that has too many characters to fit the context in any case."""
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise PromptTooLongError(
+                f"The prompt has {len(text)} characters, more than {self.max_prompt_chars} (a bound on what the "
+                f"maximum context of {self.settings.max_model_len} tokens can hold); it was not tokenized.")
+
+    def _tokenize(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        # as LLM.generate does, special tokens included
+        return [p if isinstance(p, list) else self.tokenizer(p).input_ids for p in prompts]
+
+    async def _in_tokenizer_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_thread, fn, *args)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = protocol.parse_completion_request(await self._body(request))
         if self.tokenizer is None and any(isinstance(p, str) for p in req.prompts):
             raise protocol.BadRequestError("This model has no tokenizer: send 'prompt' as token ids.")
-        prompts = [self._tokenize(p) for p in req.prompts]
+        for prompt in req.prompts:
+            if isinstance(prompt, str):
+                self._check_prompt_chars(prompt)
+        prompts = await self._in_tokenizer_thread(self._tokenize, req.prompts)
         return await self._generate(request, "cmpl", req.model, prompts, req.params, req.stream,
                                     req.return_token_ids, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = protocol.parse_chat_request(await self._body(request))
-        prompt = self._chat_prompt(req)
+        prompt = await self._in_tokenizer_thread(self._chat_prompt, req)
         default_max = max(1, self.settings.max_model_len - len(prompt))  # the engine stops at the context anyway
         params = protocol.sampling_params(req.params_body, default_max)
         return await self._generate(request, "chatcmpl", req.model, [prompt], params, req.stream,
@@ -265,6 +286,7 @@ class OpenAIServer:
                                                       add_generation_prompt=req.add_generation_prompt)
         except Exception as exc:  # noqa: BLE001 - jinja raises what the template author chose
             raise protocol.BadRequestError(f"The chat template rejected the messages: {exc}") from None
+        self._check_prompt_chars(text)
         return self.tokenizer(text, add_special_tokens=False).input_ids  # the template adds its own
 
     async def _complete(self, gen: Generation, model: str, return_token_ids: bool, chat: bool) -> web.Response:
@@ -326,7 +348,7 @@ class OpenAIServer:
                         await send([protocol.chat_chunk_choice(index, {}, s.finish_reason, s.stop_reason)])
             if include_usage:
                 await send([], protocol.usage(sum(map(len, gen.prompts)), completion_tokens))
-        except PrefixServeError as exc:  # the engine died mid-stream: the status is already sent
+        except PrefixServeError as exc:  # the engine died, or a prompt failed, mid-stream: the status is sent
             await response.write(b"data: " + _dumps(protocol.error_body(exc.http_status, str(exc))) + b"\n\n")
         except ConnectionError:  # the client went away; the caller's `finally` aborts the engine requests
             return response
@@ -426,6 +448,12 @@ def run(args) -> int:
     for root in args.allowed_prefix_root:
         if not Path(root).is_dir():
             raise SystemExit(f"prefix-serve serve: --allowed-prefix-root {root!r} is not a directory.")
+    names = args.served_model_name or []
+    if args.model is None and len(names) > 1 and Path(names[-1]).is_dir():
+        # `--served-model-name NAME MODEL_DIR` reads MODEL_DIR as a second name; serving the embedded model
+        # instead would be a silent surprise
+        raise SystemExit(f"prefix-serve serve: --served-model-name took the directory {names[-1]!r} as a name. Put "
+                         "MODEL before the option: prefix-serve serve MODEL --served-model-name NAME.")
     if args.decode_steps is not None and args.decode_steps < 1:
         raise SystemExit(f"prefix-serve serve: --decode-steps must be at least 1, got {args.decode_steps}.")
     config = EngineConfig(
@@ -442,6 +470,19 @@ def run(args) -> int:
     names = tuple(args.served_model_name or [args.model if args.model is not None else EMBEDDED_MODEL_NAME])
     api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY") or None
     return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints))
+
+
+def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
+    """A bound on the characters of a prompt that can fit the context: max_model_len tokens of the vocabulary's
+    longest entry, times 4. A vocabulary entry spells the text it stands for with at least as many characters
+    (byte-level vocabularies use one per byte); the 4 leaves room for normalizers that merge characters."""
+    if tokenizer is None:
+        return None
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary listing: no early check
+        return None
+    return 4 * max_model_len * max(longest, 1)
 
 
 def _load_tokenizers(model_path: str) -> tuple:
@@ -489,6 +530,7 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
         task.cancel()
     print("prefix-serve: shutting down" + (f" ({client.dead})" if client.dead else ""), flush=True)
     await runner.cleanup()  # cancels open handlers, which abort their engine requests
+    server.close()
     await asyncio.to_thread(client.shutdown)
     return 1 if client.dead and not stop.is_set() else 0
 

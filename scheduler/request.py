@@ -38,7 +38,7 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(seq.status is SequenceStatus.FINISHED for seq in self.sequences) and (
-            len(self.sequences) == self.params.n or any(s.finish_reason == "abort" for s in self.sequences))
+            len(self.sequences) == self.params.n or any(s.finish_reason in ("abort", "error") for s in self.sequences))
 
 
 @dataclass(eq=False)

@@ -144,7 +144,7 @@ class Scheduler:
             seq = item.seq
             params = seq.request.params
             if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or (
-                    params.temperature != 0 and params.seed is not None):
+                    not params.greedy and params.seed is not None):
                 return  # a seeded row draws from its own generator on the host, token by token
             # the tokens it may still generate: this step's first one is already within both bounds
             length = min(limit, params.max_tokens - (len(seq.token_ids) - len(seq.request.prompt_token_ids)))

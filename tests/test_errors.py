@@ -101,12 +101,20 @@ def test_prompt_that_could_never_fit_the_kv_cache_is_rejected(tiny_zoo):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("temperature", -0.5, "temperature must be a number >= 0"),
+    ("temperature", -0.5, "temperature must be a finite number >= 0"),
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("top_p", float("nan"), r"top_p must be in \(0, 1\]"),
+    ("top_k", 2**63, "top_k must be -1"),
+    ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ("max_tokens", 10**23, "max_tokens must be an integer >= 1"),
+    ("n", True, "n must be an integer"),
+    ("stop_token_ids", [2**70], "stop_token_ids must be non-negative integers"),
     ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
     ("top_k", -3, "top_k must be -1"),
     ("n", 0, "n must be an integer >= 1"),
     ("max_tokens", 0, "max_tokens must be an integer >= 1"),
-    ("seed", -1, "seed must be a non-negative integer"),
+    ("seed", -1, "seed must be an integer in"),
     ("stop", [""], "stop must be a non-empty string"),
 ])
 def test_invalid_sampling_params_raise_a_named_error(field, value, message):
@@ -178,3 +186,107 @@ def test_prefix_config_is_checked_at_registration(tmp_path, tiny_zoo, llama_llm)
         llama_llm.load_prefix("x", str(bad))
     cfg = json.loads((tiny_zoo("llama")["adapters"]["p5"] / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PREFIX_TUNING"
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily(llama_llm):
+    tiny = SamplingParams(max_tokens=4, temperature=1e-45, ignore_eos=True)
+    assert tiny.greedy and tiny.to_wire()["temperature"] == 0.0
+    prompts = [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [9, 8]}]
+    got = llama_llm.generate(prompts, tiny, prefix="p5", use_tqdm=False)
+    want = llama_llm.generate(prompts, GREEDY, prefix="p5", use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_n_above_max_num_seqs_is_refused(tiny_zoo):
+    llm = LLM(model=str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64,
+              max_num_seqs=4)
+    with pytest.raises(InvalidSamplingParamsError, match="n=5 exceeds max_num_seqs=4"):
+        llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(n=5, max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_failed_reload_keeps_the_old_adapter_and_a_failed_new_name_is_not_registered(tmp_path, tiny_zoo,
+                                                                                          llama_llm):
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_zoo("llama")["adapters"]["p5"], bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(InvalidAdapterError):
+        llama_llm.load_prefix("p5", str(bad))
+    with pytest.raises(InvalidAdapterError):
+        llama_llm.load_prefix("fresh", str(bad))
+    assert "fresh" not in llama_llm.engine.prefix_names()
+    with pytest.raises(InvalidAdapterError, match="NUL"):
+        llama_llm.load_prefix("nul", str(bad) + "\x00x")
+    _still_serves(llama_llm)  # p5 still answers, from its old files
+
+
+def test_a_prefix_whose_file_vanished_fails_only_its_requests_and_is_retried_later(tmp_path, tiny_zoo):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64)
+    llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+    doomed = tmp_path / "doomed"
+    shutil.copytree(entry["adapters"]["p5"], doomed)
+    llm.load_prefix("doomed", str(doomed))  # checked and registered; its KV is read on first use
+    weights = doomed / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    weights.unlink()
+    engine = llm.engine
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add_request("ok1", None, [1, 2, 3], params, "p5")
+    engine.step()  # ok1 is running when the doomed prefix's requests arrive
+    engine.add_request("bad1", None, [4, 5], params, "doomed")
+    engine.add_request("bad2", None, [6], SamplingParams(n=2, max_tokens=3), "doomed")
+    engine.add_request("ok2", None, [7, 8], params, None)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        engine.check_integrity()
+    for rid in ("bad1", "bad2"):
+        assert finished[rid].outputs[0].finish_reason == "error" and finished[rid].outputs[0].token_ids == []
+        assert "could not be loaded" in finished[rid].error and "doomed" in finished[rid].error
+    want = llm.generate([{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [7, 8]}], params,
+                        prefix=["p5", None], use_tqdm=False)
+    for rid, ref in zip(("ok1", "ok2"), want):
+        assert finished[rid].error is None and finished[rid].outputs[0].token_ids == ref.outputs[0].token_ids
+    assert engine.stats.finished["error"] == 2
+    assert engine.block_manager.num_used_blocks == 0 and not engine.block_manager.is_resident(
+        engine._prefix_keys["doomed"])
+    weights.write_bytes(saved)  # the file is back: the next request reads it again and runs
+    out = llm.generate({"prompt_token_ids": [4, 5]}, params, prefix="doomed", use_tqdm=False)[0]
+    assert out.error is None and len(out.outputs[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("action", ["unload", "reload"])
+def test_requests_accepted_before_an_unload_or_reload_run_on_the_old_adapter_even_when_queued(tiny_zoo, action):
+    entry = tiny_zoo("llama")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ref = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64)
+    ref.load_prefix("a", str(entry["adapters"]["p5"]))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    want = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                          prefix="a", use_tqdm=False)]
+    # 8 blocks: 2 hold the prefix and each sequence needs 4 or 5 of its own, so two cannot both finish without
+    # a preemption; the third waits for a seat (max_num_seqs=2)
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=8, max_num_seqs=2)
+    llm.load_prefix("a", str(entry["adapters"]["p5"]))
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", None, prompt, params, "a")
+    engine.step()
+    if action == "unload":
+        engine.unload_prefix("a")
+    else:
+        engine.load_prefix("a", str(entry["adapters"]["p16"]))
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        engine.check_integrity()
+    assert [got[f"r{i}"] for i in range(3)] == want
+    assert engine.stats.preemptions >= 1
+    assert engine.block_manager.num_used_blocks == 0
+    if action == "unload":  # nothing of the old registration is left
+        assert engine.block_manager.prefix_blocks() == 0 and not engine._retired

@@ -293,13 +293,72 @@ def assert_serves_normally(server):
     ({"temperature": -1}, "temperature"), ({"n": 0}, "n must"), ({"max_tokens": 0}, "max_tokens"),
     ({"top_p": 1.5}, "top_p"), ({"seed": -3}, "seed"), ({"extra_body": {"stop": 5}}, "stop"),
     ({"extra_body": {"stream": "yes"}}, "stream"), ({"extra_body": {"temperature": True}}, "temperature"),
-    ({"logprobs": 2}, "logprobs"), ({"extra_body": {"prompt": []}}, "prompt")])
+    ({"logprobs": 2}, "logprobs"), ({"extra_body": {"prompt": []}}, "prompt"),
+    ({"extra_body": {"seed": 2**64}}, "seed"),
+    ({"extra_body": {"top_k": 2**63}}, "top_k"), ({"extra_body": {"stop_token_ids": [2**70]}}, "stop_token_ids"),
+    ({"extra_body": {"max_tokens": 10**23}}, "max_tokens"), ({"n": 1000}, "exceeds max_num_seqs"),
+    ({"extra_body": {"prompt": [2**70]}}, "cannot be sent")])
 def test_bad_parameters_are_400_and_the_server_keeps_serving(server, params, fragment):
     with pytest.raises(openai.BadRequestError) as err:
         client(server).completions.create(model="task0", prompt="hi", **params)
     assert err.value.status_code == 400 and fragment in err.value.message
     assert err.value.body["type"] == "invalid_request_error"
     assert_serves_normally(server)
+
+
+def test_odd_json_and_nul_in_a_path_are_400(server, stack):
+    assert http("POST", server.url + "/v1/completions", raw=b"[" * 100_000)[0] == 400  # nests past recursion
+    for value in (b"NaN", b"Infinity"):  # Python's JSON parser reads these; the openai client cannot send them
+        status, body = http("POST", server.url + "/v1/completions",
+                            raw=b'{"model": "task0", "prompt": "hi", "temperature": ' + value + b"}")
+        assert status == 400 and "temperature must be a finite number" in json.loads(body)["error"]["message"]
+    status, body = http("POST", server.url + "/v1/load_prefix",
+                        {"prefix_name": "nul", "prefix_path": str(stack["root"] / "loadable") + "\x00"})
+    assert status == 400 and "NUL" in json.loads(body)["error"]["message"]
+    assert_serves_normally(server)
+
+
+def test_a_prompt_with_more_characters_than_any_context_holds_is_refused_untokenized(server):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(server).completions.create(model="task0", prompt="ab" * 3_000_000, max_tokens=2)
+    assert "characters" in err.value.message and "not tokenized" in err.value.message
+    assert_serves_normally(server)
+
+
+def test_a_failed_load_prefix_changes_nothing(server, stack):
+    bad = stack["root"] / "loadable" / "truncated"
+    shutil.copytree(stack["loadable"]["task20"], bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+    for name in ("task0", "never_loaded"):
+        status, body = http("POST", server.url + "/v1/load_prefix", {"prefix_name": name, "prefix_path": str(bad)})
+        assert status == 400 and "safetensors" in json.loads(body)["error"]["message"]
+    assert "never_loaded" not in {m.id for m in client(server).models.list().data}
+    assert_serves_normally(server)  # task0 keeps its adapter
+
+
+def test_a_prefix_whose_file_vanished_fails_its_request_with_500_and_nothing_else(server, stack, offline):
+    doomed = stack["root"] / "loadable" / "doomed"
+    shutil.copytree(stack["loadable"]["task20"], doomed)
+    status, body = http("POST", server.url + "/v1/load_prefix", {"prefix_name": "doomed", "prefix_path": str(doomed)})
+    assert status == 200, body
+    weights = doomed / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    weights.unlink()
+
+    async def both():
+        ac = aclient(server)
+        bad = ac.completions.create(model="doomed", prompt=["one", "two"], max_tokens=4, **GREEDY)
+        good = ac.completions.create(model="task4", prompt="ahoy matey", max_tokens=6, **GREEDY)
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(both())
+    assert isinstance(bad, openai.InternalServerError) and "could not be loaded" in bad.message, bad
+    assert good.choices[0].text == greedy(offline, ["ahoy matey"], ["task4"], 6)[0].text
+    assert_no_leak(server)
+    weights.write_bytes(saved)  # back again: the next request reads the file and runs
+    got = client(server).completions.create(model="doomed", prompt="one", max_tokens=3, **GREEDY)
+    assert got.choices[0].finish_reason in ("stop", "length")
+    http("POST", server.url + "/v1/unload_prefix", {"prefix_name": "doomed"})
 
 
 def test_unknown_model_or_prefix_is_404(server):

@@ -82,9 +82,16 @@ class Worker:
         msg = messages.unpack(data)
         for seq_id in msg.get("drop", ()):
             self.seqs.pop(seq_id, None)
-        load_seconds = [self._materialize_prefix(load) for load in msg.get("prefix_loads", ())]
+        load_seconds, failed = [], {}
+        for load in msg.get("prefix_loads", ()):
+            try:
+                load_seconds.append(self._materialize_prefix(load))
+            except Exception as exc:  # noqa: BLE001 - the requests on this prefix fail; the step goes on
+                failed[load["name"]] = f"{type(exc).__name__}: {exc}"
         self.kv_cache.copy_blocks([tuple(p) for p in msg.get("copies", ())])
         entries = msg.get("seqs", ())
+        if failed:
+            entries = [e for e in entries if not (e.get("new") and e.get("prefix") in failed)]
         scheduled = [self._update_state(entry) for entry in entries]
         steps = msg.get("steps", 1)
         if not scheduled:
@@ -93,7 +100,7 @@ class Worker:
             sampled = self._run_decode(scheduled, [entry.get("k", steps) for entry in entries])
         else:
             sampled = self._run(scheduled)
-        return messages.pack({"sampled": sampled, "load_seconds": load_seconds})
+        return messages.pack({"sampled": sampled, "load_seconds": load_seconds, "failed_loads": failed})
 
     def forget_prefix(self, key: str) -> None:
         """Called when a prefix registration is unloaded or replaced: drop its host copy."""
