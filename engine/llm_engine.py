@@ -20,7 +20,6 @@ from scheduler.block_manager import BlockManager
 from scheduler.request import Request, Sequence, SequenceStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers import messages
-from workers.attention import default_backend_name
 from workers.executor import make_executor
 from workers.worker import WorkerConfig
 
@@ -59,12 +58,12 @@ class EngineCore:
         worker_config = WorkerConfig(
             model_path=self.model_path, device=config.device, dtype=config.resolved_dtype(),
             block_size=config.block_size, num_blocks=config.num_kv_blocks,
-            attention_backend=config.attention_backend or default_backend_name(config.device),
+            attention_backend=config.attention_backend,
             host_prefix_cache_size=config.resolved_host_prefix_cache_size(),
             cpu_kv_cache_bytes=int(config.cpu_kv_cache_gb * (1 << 30)),
             gpu_memory_utilization=config.gpu_memory_utilization)
-        self.attention_backend = worker_config.attention_backend
         self.executor = make_executor(config.executor, worker_config, self.spec)
+        self.attention_backend = self.executor.attention_backend
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
         # A sequence must fit the model's positions and, alone, the KV cache (one block spare for copy-on-write).
         cache_tokens = (self.executor.num_blocks - 1) * config.block_size
@@ -238,15 +237,15 @@ class EngineCore:
         now = time.monotonic()
         outputs = []
         for key, reason in failed.items():
-            logger.error("prefix %s (%s) could not be materialized: %s", key, self._prefix_paths.get(key), reason)
+            path = self._prefix_paths.get(key)  # read first: the last request's end may retire the key
+            logger.error("prefix %s (%s) could not be materialized: %s", key, path, reason)
             for item in out.scheduled:
                 request = item.seq.request
                 if item.is_new and request.prefix == key and request.request_id in self.requests:
                     for seq in request.sequences:
                         self.scheduler.finish(seq, "error")
                     output = self._output(request, now)
-                    output.error = (f"The prefix {request.prefix_name!r} could not be loaded from "
-                                    f"{self._prefix_paths.get(key)}: {reason}")
+                    output.error = f"The prefix {request.prefix_name!r} could not be loaded from {path}: {reason}"
                     outputs.append(output)
             self.block_manager.evict_prefix(key)  # no sequence holds it any more
         return outputs

@@ -41,8 +41,9 @@ class EngineStatsCollector:
             return CounterMetricFamily(f"prefix_serve_{name}", doc, value=s.get(key, 0))
 
         yield gauge("engine_up", "1 while the engine process runs, 0 after it stopped.", float(self.engine_up))
-        yield gauge("num_requests_running", "Requests with sequences in the running batch.", s.get("running", 0))
-        yield gauge("num_requests_waiting", "Requests queued for admission (new or preempted).",
+        yield gauge("num_requests_running", "Sequences in the running batch (each sample of an n > 1 request once "
+                    "it has forked).", s.get("running", 0))
+        yield gauge("num_requests_waiting", "Sequences waiting for admission (new or preempted).",
                     s.get("waiting", 0))
         yield gauge("kv_cache_usage_ratio", "Share of KV blocks held by running sequences or pinned prefixes "
                     "(0-1); cached, unpinned prefix blocks count as free.", s.get("kv_usage", 0.0))

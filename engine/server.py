@@ -59,7 +59,7 @@ class Generation:
     """The engine requests behind one HTTP request (one per prompt): starts them, yields updates, aborts leftovers."""
 
     def __init__(self, server: "OpenAIServer", request_id: str, prompts: list[list[int]], params, prefix,
-                 stream: bool):
+                 stream: bool, arrival: float | None = None):
         self.server = server
         self.client = server.client
         self.request_id = request_id
@@ -69,7 +69,7 @@ class Generation:
         self.prefix = prefix
         self.stream = stream
         self.sink: asyncio.Queue = asyncio.Queue()
-        self.arrival = time.monotonic()
+        self.arrival = time.monotonic() if arrival is None else arrival  # latencies count from here
         self._unfinished = set(self.ids)
 
     async def start(self) -> None:
@@ -247,6 +247,7 @@ class OpenAIServer:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_thread, fn, *args)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        arrival = time.monotonic()  # the latency histograms count from here, before reading and tokenizing
         req = protocol.parse_completion_request(await self._body(request))
         if self.tokenizer is None and any(isinstance(p, str) for p in req.prompts):
             raise protocol.BadRequestError("This model has no tokenizer: send 'prompt' as token ids.")
@@ -254,21 +255,24 @@ class OpenAIServer:
             if isinstance(prompt, str):
                 self._check_prompt_chars(prompt)
         prompts = await self._in_tokenizer_thread(self._tokenize, req.prompts)
-        return await self._generate(request, "cmpl", req.model, prompts, req.params, req.stream,
+        return await self._generate(request, arrival, "cmpl", req.model, prompts, req.params, req.stream,
                                     req.return_token_ids, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrival = time.monotonic()
         req = protocol.parse_chat_request(await self._body(request))
         prompt = await self._in_tokenizer_thread(self._chat_prompt, req)
         default_max = max(1, self.settings.max_model_len - len(prompt))  # the engine stops at the context anyway
         params = protocol.sampling_params(req.params_body, default_max)
-        return await self._generate(request, "chatcmpl", req.model, [prompt], params, req.stream,
+        return await self._generate(request, arrival, "chatcmpl", req.model, [prompt], params, req.stream,
                                     req.return_token_ids, chat=True)
 
-    async def _generate(self, request: web.Request, kind: str, model: str | None, prompts: list[list[int]], params,
-                        stream: protocol.StreamOptions, return_token_ids: bool, chat: bool) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, arrival: float, kind: str, model: str | None,
+                        prompts: list[list[int]], params, stream: protocol.StreamOptions, return_token_ids: bool,
+                        chat: bool) -> web.StreamResponse:
         """Queue the prompts (errors become 4xx before any byte is sent), then answer at once or as SSE."""
-        gen = Generation(self, protocol.new_id(kind), prompts, params, self._prefix_for(model), stream.stream)
+        gen = Generation(self, protocol.new_id(kind), prompts, params, self._prefix_for(model), stream.stream,
+                         arrival)
         await gen.start()
         try:
             if stream.stream:

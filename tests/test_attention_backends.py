@@ -229,3 +229,15 @@ def test_backend_matches_reference_on_cuda_bf16(backend_name, case):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--triton-interpreter"]:
     print(json.dumps(_triton_interpreter_errors(sys.argv[2:])))
+
+
+def test_the_worker_not_the_engine_picks_the_default_backend(tiny_zoo):
+    """A Ray worker may see a GPU that the engine's process does not (KubeRay: a CPU server pod, GPU workers), so
+    an unset backend travels to the worker as None and the worker resolves it for its own device."""
+    from engine import LLM
+
+    llm = LLM(model=str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=16)
+    worker = llm.engine.executor.worker
+    assert worker.config.attention_backend is None
+    assert llm.engine.attention_backend == worker.attention_backend == "torch"  # this CPU's best
+    assert type(worker.runner.backend) is TorchPagedAttention

@@ -14,6 +14,7 @@ from workers.worker import Worker, WorkerConfig
 
 class Executor(ABC):
     num_blocks: int
+    attention_backend: str  # the backend the workers chose (or were told to use)
 
     @abstractmethod
     def execute(self, step: bytes) -> bytes: ...
@@ -29,6 +30,7 @@ class InProcessExecutor(Executor):
     def __init__(self, config: WorkerConfig, spec: ModelSpec):
         self.worker = Worker(config, spec)
         self.num_blocks = self.worker.kv_cache.num_blocks
+        self.attention_backend = self.worker.attention_backend
 
     def execute(self, step: bytes) -> bytes:
         return self.worker.execute(step)
@@ -45,6 +47,9 @@ class _WorkerActor:
 
     def num_blocks(self) -> int:
         return self.worker.kv_cache.num_blocks
+
+    def attention_backend(self) -> str:
+        return self.worker.attention_backend
 
     def execute(self, step: bytes) -> bytes:
         return self.worker.execute(step)
@@ -66,6 +71,7 @@ class RayExecutor(Executor):
         self._ray = ray
         self.actor = actor_cls.remote(config, spec)
         self.num_blocks = ray.get(self.actor.num_blocks.remote())
+        self.attention_backend = ray.get(self.actor.attention_backend.remote())
 
     def execute(self, step: bytes) -> bytes:
         return self._ray.get(self.actor.execute.remote(step))

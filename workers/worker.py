@@ -13,6 +13,7 @@ import torch
 
 from engine.model_loader import ModelSpec
 from workers import messages
+from workers.attention import default_backend_name
 from workers.kv_cache import HostPrefixCache, KVCache, read_prefix_kv
 from workers.model_runner import ModelRunner, StepInputs, load_model
 from workers.sampler import SampleRow, sample, sample_on_device
@@ -25,7 +26,7 @@ class WorkerConfig:
     dtype: str
     block_size: int
     num_blocks: int | None  # None: size the cache from memory (see kv_cache_num_blocks)
-    attention_backend: str
+    attention_backend: str | None  # None: the best one for the device, chosen where the worker runs
     host_prefix_cache_size: int = 1024
     cpu_kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
@@ -58,7 +59,9 @@ class Worker:
         # CUDA-graph decode batch write to. kv_cache.num_blocks stays the count the engine may hand out.
         self.kv_cache = KVCache(spec, num_blocks + 1, config.block_size, dtype, config.device)
         self.kv_cache.num_blocks = num_blocks
-        self.runner = ModelRunner(model, spec, self.kv_cache, config.attention_backend, scratch_block=num_blocks)
+        # Chosen here, not in the engine: a Ray worker may see a GPU that the engine's process does not.
+        self.attention_backend = config.attention_backend or default_backend_name(config.device)
+        self.runner = ModelRunner(model, spec, self.kv_cache, self.attention_backend, scratch_block=num_blocks)
         self.host_prefixes = HostPrefixCache(config.host_prefix_cache_size)
         self.seqs: dict[int, SeqState] = {}
 
