@@ -253,7 +253,10 @@ def test_a_prefix_whose_file_vanished_fails_only_its_requests_and_is_retried_lat
     assert engine.stats.finished["error"] == 2
     assert engine.block_manager.num_used_blocks == 0 and not engine.block_manager.is_resident(
         engine._prefix_keys["doomed"])
-    weights.write_bytes(saved)  # the file is back: the next request reads it again and runs
+    shutil.copy(entry["adapters"]["p16"] / "adapter_model.safetensors", weights)  # a valid file, 16 tokens not 5
+    out = llm.generate({"prompt_token_ids": [4, 5]}, params, prefix="doomed", use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error" and "16 virtual tokens" in out.error
+    weights.write_bytes(saved)  # the right file is back: the next request reads it again and runs
     out = llm.generate({"prompt_token_ids": [4, 5]}, params, prefix="doomed", use_tqdm=False)[0]
     assert out.error is None and len(out.outputs[0].token_ids) == 5
 

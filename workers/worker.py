@@ -112,7 +112,15 @@ class Worker:
     def _materialize_prefix(self, load: dict) -> float:
         start = time.perf_counter()
         dtype = self.kv_cache.data.dtype
-        kv = self.host_prefixes.get(load["name"], lambda: read_prefix_kv(load["path"], self.spec, dtype))
+
+        def read() -> torch.Tensor:
+            kv = read_prefix_kv(load["path"], self.spec, dtype)
+            if kv.shape[2] != load["num_tokens"]:  # the file was replaced since it was registered
+                raise ValueError(f"its tensor holds {kv.shape[2]} virtual tokens, but it was registered with "
+                                 f"{load['num_tokens']}")
+            return kv
+
+        kv = self.host_prefixes.get(load["name"], read)
         self.kv_cache.write_prefix(kv, load["blocks"])
         return time.perf_counter() - start
 
