@@ -162,25 +162,35 @@ def part_setup(args, work: Workload) -> int:
 
 
 # ---- roofline pieces ----------------------------------------------------------------------------------------------
-def copy_bandwidth(num_bytes: int = 1 << 30, iters: int = 20) -> float:
-    """Device-to-device copy of a large tensor: bytes read + bytes written per second."""
+def _seconds_per_call(fn, iters: int, device: str) -> float:
+    """Average seconds of fn(): CUDA events on a GPU, the clock (after a sync) elsewhere."""
+    return (_time_device(fn, iters) if device.startswith("cuda") else _time_host(fn, device, iters)) / 1e3
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30, iters: int = 20, device: str = "cuda") -> float:
+    """Device-to-device copy of a large tensor: bytes read + bytes written per second (the issue's roofline)."""
     import torch
 
-    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / iters
+    seconds = _seconds_per_call(lambda: dst.copy_(src), iters, device)
     del src, dst
-    torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return 2 * num_bytes / seconds
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, iters: int = 20, device: str = "cuda") -> float:
+    """Bytes read per second by a sum over a large bf16 tensor. A decode step mostly reads, and reading alone is
+    often a little faster than a copy, so this is reported beside the copy roofline as a stricter one."""
+    import torch
+
+    data = torch.ones(num_bytes // 2, dtype=torch.bfloat16, device=device)
+    seconds = _seconds_per_call(lambda: data.sum(dtype=torch.float32), iters, device)
+    del data
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return num_bytes / seconds
 
 
 def weight_bytes_read_per_step(model) -> int:
@@ -298,6 +308,10 @@ def part_ours(args, work: Workload) -> int:
         except Exception as exc:  # noqa: BLE001
             print(f"FAIL copy bandwidth: {failure_reason(exc)}")
             results.put("copy_bandwidth_error", failure_reason(exc))
+        try:
+            results.put("read_bandwidth", read_bandwidth())
+        except Exception as exc:  # noqa: BLE001 - informational only
+            print(f"read bandwidth not measured: {failure_reason(exc)}")
 
     if args.fused_layers:
         os.environ["PREFIX_SERVE_FUSED_LAYERS"] = args.fused_layers
@@ -339,7 +353,7 @@ def part_ours(args, work: Workload) -> int:
 
     engine.executor.execute, runner.execute = timed(executor_execute, "worker"), timed(runner_execute, "runner")
     # engine steps that only decode (every sequence brings its one newest token) against the rest (prefill)
-    phases = {"decode_s": 0.0, "decode_tokens": 0, "decode_steps": 0}
+    phases = {"decode_s": 0.0, "decode_tokens": 0, "decode_steps": 0, "decode_forwards": 0}
     schedule, engine_step, scheduled = engine.scheduler.schedule, engine.step, []
 
     def schedule_recorded():
@@ -355,6 +369,7 @@ def part_ours(args, work: Workload) -> int:
             phases["decode_s"] += time.perf_counter() - t
             phases["decode_tokens"] += sum(item.num_steps for item in out.scheduled)
             phases["decode_steps"] += 1
+            phases["decode_forwards"] += out.num_steps
         return result
 
     engine.scheduler.schedule, engine.step = schedule_recorded, step_timed
@@ -379,7 +394,11 @@ def part_ours(args, work: Workload) -> int:
            "worker_share": round(timers["worker"] / seconds, 3), "runner_share": round(timers["runner"] / seconds, 3),
            "decode_steps": engine.scheduler.config.decode_steps,
            "decode_phase": {"share_of_wall_time": round(phases["decode_s"] / seconds, 3),
-                            "engine_steps": phases["decode_steps"],
+                            "engine_steps": phases["decode_steps"], "forwards": phases["decode_forwards"],
+                            "ms_per_forward": (round(phases["decode_s"] / phases["decode_forwards"] * 1e3, 3)
+                                               if phases["decode_forwards"] else None),
+                            "rows_per_forward": (round(phases["decode_tokens"] / phases["decode_forwards"], 1)
+                                                 if phases["decode_forwards"] else None),
                             "tok_s": phases["decode_tokens"] / phases["decode_s"] if phases["decode_s"] else None}}
     if stats:
         run.update(graph_steps=stats.graph_steps - graph0[0], eager_steps=stats.eager_steps - graph0[1],
@@ -638,6 +657,15 @@ def _throughput_rows(results_dir: Path) -> list[tuple[str, str, str]]:
                          f"{decode['share_of_wall_time']:.0%} of wall time (the rest: steps with prefill)"))
     else:
         rows.append(("roofline", "no result", "FAIL"))
+    decode, read = run.get("decode_phase") or {}, ours.get("read_bandwidth")
+    if read and info.get("weight_bytes") and decode.get("tok_s"):  # informational: the issue's roofline is above
+        strict = roofline_tok_s(read, info["weight_bytes"], info["kv_bytes_per_token"], batch, work.avg_decode_context)
+        rows.append(("read bandwidth (sum over 1 GiB)", f"{read / 1e12:.2f} TB/s",
+                     f"roofline at it {strict:,.0f} tok/s; the pure decode steps reach {decode['tok_s'] / strict:.1%}"))
+    if decode.get("ms_per_forward"):
+        rows.append(("forwards of the pure decode steps", f"{decode['ms_per_forward']:.3f} ms each",
+                     f"{decode['forwards']} forwards in {decode['engine_steps']} engine steps, "
+                     f"{decode['rows_per_forward']} rows per forward"))
     timing = ours.get(f"step_b{batch}")
     if isinstance(timing, dict):
         if timing.get("graph_replay_ms") and roof:

@@ -71,7 +71,30 @@ def test_gpu_bench_small_on_cpu_runs_ours_with_decode_runs_and_the_summary(tmp_p
     run = ours["run"]
     assert run["tokens"] == 24 * 8 and run["decode_steps"] == 4
     assert run["forwards"] > run["steps"]  # some engine steps ran several forwards
-    assert run["decode_phase"]["engine_steps"] > 0 and 0 < run["decode_phase"]["share_of_wall_time"] < 1
+    decode = run["decode_phase"]
+    assert decode["engine_steps"] > 0 and 0 < decode["share_of_wall_time"] < 1
+    assert decode["forwards"] > decode["engine_steps"] and 0 < decode["rows_per_forward"] <= 24
     assert ours["kernel_profile"]["top"] and ours["step_b256"]["eager_ms"] > 0
     table = part("summary", "--results", str(out))
     assert "decode runs <= 4" in table and "kernels of one eager decode step" in table
+    assert "rows per forward" in table
+
+
+def test_gpu_bench_bandwidths_and_the_roofline_rows_of_the_summary(tmp_path):
+    """The bandwidth probes run on a CPU too (small sizes), and the summary turns a GPU run's numbers into the
+    copy roofline (the issue's) and the stricter read-bandwidth one."""
+    from benchmarks.gpu_bench import _throughput_rows, copy_bandwidth, read_bandwidth, roofline_tok_s
+
+    assert copy_bandwidth(1 << 20, 2, device="cpu") > 0 and read_bandwidth(1 << 20, 2, device="cpu") > 0
+    engine = {"weight_bytes": 2_000_000_000, "kv_bytes_per_token": 32768}
+    decode = {"tok_s": 100_000.0, "share_of_wall_time": 0.6, "engine_steps": 10, "forwards": 160,
+              "ms_per_forward": 2.5, "rows_per_forward": 256.0}
+    ours = {"engine": engine, "max_num_seqs": 256, "copy_bandwidth": 4.0e12, "read_bandwidth": 5.0e12,
+            "run": {"tok_s": 80_000.0, "decode_phase": decode}}
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    table = "\n".join(" ".join(row) for row in _throughput_rows(tmp_path))
+    copy_roof = roofline_tok_s(4.0e12, 2_000_000_000, 32768, 256, 224)
+    read_roof = roofline_tok_s(5.0e12, 2_000_000_000, 32768, 256, 224)
+    assert f"{copy_roof:,.0f} tok/s" in table and f"{100_000 / copy_roof:.1%} of roofline" in table
+    assert f"roofline at it {read_roof:,.0f} tok/s" in table and f"reach {100_000 / read_roof:.1%}" in table
+    assert "160 forwards in 10 engine steps, 256.0 rows per forward" in table

@@ -235,9 +235,11 @@ class RunSampler:
         if self.greedy:
             return
         assert all(s["seed"] is None or s["temperature"] == 0 for s in settings), "seeded row in a decode run"
-        self.temperature = torch.tensor([s["temperature"] for s in settings], dtype=torch.float32).to(device)
-        self.top_k = torch.tensor([s["top_k"] for s in settings], dtype=torch.long).to(device)
-        self.top_p = torch.tensor([s["top_p"] for s in settings], dtype=torch.float32).to(device)
+        # non_blocking: a pageable source is staged by the driver before the call returns, so the host need not
+        # wait for the device here
+        self.temperature, self.top_k, self.top_p = (
+            torch.tensor([s[key] for s in settings], dtype=dtype).to(device, non_blocking=True)
+            for key, dtype in (("temperature", torch.float32), ("top_k", torch.long), ("top_p", torch.float32)))
         self.filtered = any(s["temperature"] != 0 and (s["top_k"] > 0 or s["top_p"] < 1) for s in settings)
 
     def select(self, index: torch.Tensor) -> "RunSampler":
