@@ -94,6 +94,31 @@ def test_top_k_and_top_p_only_draw_allowed_tokens():
     assert seen == {0, 1, 2, 3}
 
 
+def test_host_sampling_draws_the_filtered_distribution():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = torch.log(torch.tensor([probs]))
+
+    def frequencies(temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+        draws = [sample(logits, [SampleRow(temperature, top_p, top_k, seed, 0, 0)])[0][0] for seed in range(6000)]
+        return torch.bincount(torch.tensor(draws), minlength=4) / len(draws)
+
+    assert torch.allclose(frequencies(1.0, 1.0, -1), torch.tensor(probs), atol=0.025)
+    flat = torch.tensor(probs).sqrt() / torch.tensor(probs).sqrt().sum()  # temperature 2: p ~ sqrt(probs)
+    assert torch.allclose(frequencies(2.0, 1.0, -1), flat, atol=0.025)
+    for top_p, top_k in ((1.0, 2), (0.7, -1)):  # both keep 0.5 and 0.3, renormalized
+        assert torch.allclose(frequencies(1.0, top_p, top_k), torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.025)
+
+
+def test_top_p_beyond_the_largest_1024_tokens_sorts_the_whole_vocabulary():
+    weights = torch.arange(3000, 0, -1, dtype=torch.float32)  # p_i ~ 3000 - i: the top 1024 hold 0.566
+    logits = torch.log(weights / weights.sum())[None]
+    probs = torch.softmax(logits[0], dim=-1)  # as the sampler computes them, so the boundary is the same
+    nucleus = int((probs.cumsum(0) - probs < 0.6).sum())  # the smallest head whose mass reaches 0.6
+    assert nucleus > 1024
+    draws = [sample(logits, [SampleRow(1.0, 0.6, -1, seed, 0, 0)])[0][0] for seed in range(400)]
+    assert max(draws) < nucleus and any(d >= 1024 for d in draws)
+
+
 def _device_draws(logits_row, rows: int, temperature: float, top_k: int, top_p: float,
                   filtered: bool = True) -> torch.Tensor:
     from workers.sampler import sample_on_device

@@ -42,32 +42,50 @@ def sample(logits: torch.Tensor, rows: list[SampleRow | None]) -> list[list[int]
         if row.temperature == 0:
             results.append([greedy[r]] * row.count)
             continue
-        probs = _filtered_probs(logits[r], row)
+        probs, ids = _filtered_probs(logits[r], row)
         tokens = []
         for j in range(row.count):
             generator = None
             if row.seed is not None:
                 generator = torch.Generator(device=probs.device)
                 generator.manual_seed(_row_seed(row.seed, row.sample_index + j, row.step))
-            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+            index = _draw(probs, generator)
+            tokens.append(index if ids is None else int(ids[index]))
         results.append(tokens)
     return results
 
 
-def _filtered_probs(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from probs [V]: the cumulative sum inverted at a uniform draw. Exact, and on a CPU about 20x
+    faster than torch.multinomial for a 49k vocabulary (0.1 ms against 2 ms). In float64 with `right=True`, a
+    draw below the total never lands on a token of probability zero (its cumulative sum equals its
+    predecessor's), nor past the end."""
+    cdf = probs.double().cumsum(0)
+    u = torch.rand(1, generator=generator, device=probs.device, dtype=torch.float64)
+    return int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=probs.numel() - 1))
+
+
+def _filtered_probs(logits: torch.Tensor, row: SampleRow) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A row's distribution after temperature, top-k and top-p: (probabilities, None) over the whole vocabulary,
+    or, with top-p, (probabilities, token ids) over the kept head only."""
     logits = logits.float() / row.temperature
     if row.top_k > 0 and row.top_k < logits.numel():
         kth = torch.topk(logits, row.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if row.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest set whose mass reaches top_p: drop a token when the mass before it already does
-        drop = sorted_probs.cumsum(0) - sorted_probs >= row.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
+    if row.top_p >= 1.0:
+        return probs, None
+    # keep the smallest head whose mass reaches top_p: drop a token when the mass before it already does. Look
+    # in the largest 1024 probabilities first, and sort the whole vocabulary only when they hold less than
+    # top_p: on a CPU that sort costs about 5 ms for 49k tokens, and an LM's head is usually far smaller.
+    head, ids = torch.topk(probs, min(1024, probs.numel()))  # descending
+    mass = head.cumsum(0)
+    if mass[-1] < row.top_p:
+        head, ids = probs.sort(descending=True)
+        mass = head.cumsum(0)
+    keep = mass - head < row.top_p  # a prefix, since the mass before each token only grows
+    head, ids = head[keep], ids[keep]
+    return head / head.sum(), ids
 
 
 def sample_on_device(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
