@@ -98,3 +98,18 @@ def test_gpu_bench_bandwidths_and_the_roofline_rows_of_the_summary(tmp_path):
     assert f"{copy_roof:,.0f} tok/s" in table and f"{100_000 / copy_roof:.1%} of roofline" in table
     assert f"roofline at it {read_roof:,.0f} tok/s" in table and f"reach {100_000 / read_roof:.1%}" in table
     assert "160 forwards in 10 engine steps, 256.0 rows per forward" in table
+
+
+def test_sampling_benchmark_prints_both_draws_and_their_ratio():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sampling", "--rows", "2", "--vocab", "512",
+                           "--repeat", "1"], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.endswith("x")]
+    assert len(lines) == 4 and all("ms" in line for line in lines)
