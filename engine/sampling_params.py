@@ -38,7 +38,12 @@ class SamplingParams:
             return isinstance(value, int) and not isinstance(value, bool) and low <= value <= self.MAX_INT
 
         def is_number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return False
+            try:
+                return math.isfinite(value)
+            except OverflowError:  # an int beyond any float
+                return False
 
         if not is_int(self.n, 1):
             bad(f"n must be an integer >= 1, got {self.n!r}.")

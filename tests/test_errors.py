@@ -104,6 +104,7 @@ def test_prompt_that_could_never_fit_the_kv_cache_is_rejected(tiny_zoo):
     ("temperature", -0.5, "temperature must be a finite number >= 0"),
     ("temperature", float("nan"), "temperature must be a finite number"),
     ("temperature", float("inf"), "temperature must be a finite number"),
+    ("temperature", 10**400, "temperature must be a finite number"),
     ("top_p", float("nan"), r"top_p must be in \(0, 1\]"),
     ("top_k", 2**63, "top_k must be -1"),
     ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*63\)"),

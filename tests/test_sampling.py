@@ -109,6 +109,11 @@ def test_host_sampling_draws_the_filtered_distribution():
         assert torch.allclose(frequencies(1.0, top_p, top_k), torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.025)
 
 
+def test_a_top_p_too_small_for_float32_keeps_the_top_token():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    assert sample(logits, [SampleRow(1.0, 1e-300, -1, 3, 0, 0)]) == [[1]]
+
+
 def test_top_p_beyond_the_largest_1024_tokens_sorts_the_whole_vocabulary():
     weights = torch.arange(3000, 0, -1, dtype=torch.float32)  # p_i ~ 3000 - i: the top 1024 hold 0.566
     logits = torch.log(weights / weights.sum())[None]

@@ -318,6 +318,16 @@ def test_odd_json_and_nul_in_a_path_are_400(server, stack):
     assert_serves_normally(server)
 
 
+def test_extreme_but_valid_sampling_values_are_served(server):
+    got = client(server).completions.create(model="task0", prompt="hi", max_tokens=3, temperature=1.0,
+                                            top_p=1e-300, extra_body={"top_k": 2**62})
+    assert got.choices[0].finish_reason in ("stop", "length")
+    status, body = http("POST", server.url + "/v1/completions",
+                        raw=b'{"model": "task0", "prompt": "hi", "temperature": 1' + b"0" * 400 + b"}")
+    assert status == 400 and "temperature must be a finite number" in json.loads(body)["error"]["message"]
+    assert_serves_normally(server)
+
+
 def test_a_prompt_with_more_characters_than_any_context_holds_is_refused_untokenized(server):
     with pytest.raises(openai.BadRequestError) as err:
         client(server).completions.create(model="task0", prompt="ab" * 3_000_000, max_tokens=2)

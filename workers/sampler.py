@@ -84,6 +84,7 @@ def _filtered_probs(logits: torch.Tensor, row: SampleRow) -> tuple[torch.Tensor,
         head, ids = probs.sort(descending=True)
         mass = head.cumsum(0)
     keep = mass - head < row.top_p  # a prefix, since the mass before each token only grows
+    keep[0] = True  # the top token always: a top_p that rounds to 0 in float32 would otherwise keep nothing
     head, ids = head[keep], ids[keep]
     return head / head.sum(), ids
 
