@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections import deque
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -233,6 +234,8 @@ def test_serve_help_lists_its_options():
         assert option in text, option
     with pytest.raises(SystemExit, match="--decode-steps must be at least 1"):
         server.run(parser.parse_args(["serve", "--decode-steps", "0"]))
+    with pytest.raises(SystemExit, match="--served-model-name took the directory .* Put MODEL before the option"):
+        server.run(parser.parse_args(["serve", "--served-model-name", "base", str(Path(__file__).parent)]))
 
 
 def test_decode_steps_setting_is_checked():
