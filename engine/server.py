@@ -251,10 +251,12 @@ class OpenAIServer:
         req = protocol.parse_completion_request(await self._body(request))
         if self.tokenizer is None and any(isinstance(p, str) for p in req.prompts):
             raise protocol.BadRequestError("This model has no tokenizer: send 'prompt' as token ids.")
-        for prompt in req.prompts:
-            if isinstance(prompt, str):
-                self._check_prompt_chars(prompt)
-        prompts = await self._in_tokenizer_thread(self._tokenize, req.prompts)
+        texts = [prompt for prompt in req.prompts if isinstance(prompt, str)]
+        for text in texts:
+            self._check_prompt_chars(text)
+        # token-id prompts need no tokenizer: no thread hop, so nothing can cancel the handler before the engine
+        # has the request
+        prompts = await self._in_tokenizer_thread(self._tokenize, req.prompts) if texts else req.prompts
         return await self._generate(request, arrival, "cmpl", req.model, prompts, req.params, req.stream,
                                     req.return_token_ids, chat=False)
 
