@@ -231,3 +231,20 @@ def test_captured_cuda_graph_decode_equals_eager_decode(tmp_path):
     with torch.inference_mode():
         eager_logits = runner._execute_eager(step)
     torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_ring_refills_a_buffer_only_after_its_copy_ran():
+    """More copies than buffers while the stream is held up: each destination must get its own values, which
+    fails if a buffer is refilled before the queued copy that reads it has run."""
+    from workers.cuda_graphs import PinnedRing
+
+    ring = PinnedRing(1024, slots=2)
+    dests = [torch.zeros(1024, dtype=torch.int32, device="cuda") for _ in range(6)]
+    torch.cuda._sleep(50_000_000)  # keeps the stream busy for tens of milliseconds
+    for i, dest in enumerate(dests):
+        ring.copy_to(dest, torch.full((1000,), i, dtype=torch.int32))
+    torch.cuda.synchronize()
+    for i, dest in enumerate(dests):
+        assert dest[:1000].eq(i).all() and dest[1000:].eq(0).all(), f"copy {i} was overwritten"

@@ -115,6 +115,34 @@ class GraphStats:
     graph_memory_bytes: int = 0
 
 
+class PinnedRing:
+    """A few page-locked host buffers, used in turn, for the step inputs' host-to-device copy.
+
+    A copy from pageable memory may make the driver wait for the stream to drain before it stages the bytes, so
+    the device idles while the host issues the next forward. From page-locked memory the copy is queued like a
+    kernel. A buffer is refilled only after the copy that last read it has run (its event), so the host can run
+    up to `slots` forwards ahead of the device.
+    """
+
+    def __init__(self, numel: int, slots: int = 4):
+        self.buffers = [torch.empty(numel, dtype=torch.int32, pin_memory=True) for _ in range(slots)]
+        self.events = [torch.cuda.Event() for _ in range(slots)]
+        self.used = [False] * slots
+        self.next = 0
+
+    def copy_to(self, dest: torch.Tensor, values: torch.Tensor) -> None:
+        """dest[:len(values)] = values (a CPU int32 tensor), asynchronously."""
+        slot = self.next
+        self.next = (slot + 1) % len(self.buffers)
+        if self.used[slot]:
+            self.events[slot].synchronize()
+        buffer = self.buffers[slot][: values.numel()]
+        buffer.copy_(values)
+        dest[: values.numel()].copy_(buffer, non_blocking=True)
+        self.events[slot].record()
+        self.used[slot] = True
+
+
 class _EagerReplay:
     """Stands in for a CUDA graph on CPU: replay re-runs the function, which reads the same static buffers."""
 
@@ -175,6 +203,7 @@ class DecodeGraphs:
         self.stats = GraphStats()
         self.on_cuda = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
+        self.pinned = PinnedRing(self.staging.numel()) if self.on_cuda else None
 
     @staticmethod
     def supported(backend) -> bool:
@@ -194,7 +223,11 @@ class DecodeGraphs:
     def run(self, key, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
             block_tables: list[list[int]], device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Replay the graph for `key` on this step; fp32 logits [n, vocab], or None if the graph is unavailable.
-        `device_ids`, when given, are the step's token ids already on the device (`input_ids` is then ignored)."""
+        `device_ids`, when given, are the step's token ids already on the device (`input_ids` is then ignored).
+
+        The logits are a view of the graph's output buffer: they hold until the next replay of that graph, so a
+        caller reads them (or queues the kernels that do) before its next step. Not copying them saves a pass
+        over B x vocab floats per decode forward."""
         graph = self.graphs.get(key) or self._capture(key)
         if graph is None:
             return None
@@ -203,7 +236,10 @@ class DecodeGraphs:
         flat = pack_decode_step(input_ids, positions, slot_mapping, seq_lens, block_tables, bucket, width,
                                 self.scratch_block, self.block_size)
         host = host_int32(flat)
-        self.staging[: host.numel()].copy_(host, non_blocking=True)  # pageable source: staged before it returns
+        if self.pinned is not None:
+            self.pinned.copy_to(self.staging, host)
+        else:
+            self.staging[: host.numel()].copy_(host)
         if device_ids is not None:
             self.staging[:n].copy_(device_ids)
         tables_at = 4 * field_stride(bucket)
@@ -211,7 +247,7 @@ class DecodeGraphs:
                                                  .view(bucket, width))
         logits = graph.replay()
         self.stats.graph_steps += 1
-        return logits[:n].clone()  # the graph's output buffer is overwritten by its next replay
+        return logits[:n]
 
     # ---- capture --------------------------------------------------------------------------------------------
     def capture_all(self) -> None:
@@ -277,4 +313,4 @@ class DecodeGraphs:
 
 
 __all__ = ["CudaGraphConfig", "DecodeGraphs", "GraphStats", "bucket_for", "pack_decode_step", "field_stride",
-           "DEFAULT_BATCH_SIZES", "host_int32"]
+           "DEFAULT_BATCH_SIZES", "host_int32", "PinnedRing"]

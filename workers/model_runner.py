@@ -203,7 +203,8 @@ class ModelRunner:
         """Run one packed forward; returns fp32 logits [len(sample_rows), vocab].
 
         `input_ids`, a device tensor of N token ids, replaces `step.input_ids` without a trip through the host
-        (a decode run feeds each step the previous step's tokens this way)."""
+        (a decode run feeds each step the previous step's tokens this way). The logits may be a view of a CUDA
+        graph's output buffer: read them, or queue the kernels that do, before the next call."""
         if self.graphs is not None:
             logits = self._execute_graph(step, input_ids)
             if logits is not None:
