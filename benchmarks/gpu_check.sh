@@ -4,23 +4,24 @@
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh          # from the repository root
 #
 # Parts, each its own process under its own time limit (a part that fails or runs out of time prints FAIL and
-# the run goes on); times from a run on an H200 (250 s in all, docs/gpu.md):
-#   1. kernels   attention backends against the torch reference (bf16 tolerances)        19 s
+# the run goes on); times from run E on an H200 (238 s in all, docs/gpu.md):
+#   1. kernels   attention backends against the torch reference (bf16 tolerances)        16 s
 #   2. parity    engine greedy output against the PEFT-forward referee, Llama and Qwen2,
 #                fp32 / TF32 off, eager, with CUDA-graph decode, with decode runs, and
-#                without the fused layers                                                 28 s
+#                without the fused layers                                                 26 s
 #   -  gputests  the tests marked gpu (CUDA-graph replay = eager; backends and fused-layer kernels on
-#                CUDA), if pytest is there                                                28 s
-#   3. setup     random 1.1B-parameter Llama (bf16) and 256 random P=32 prefixes         17 s
-#   4. ours      copy bandwidth, then 1,024 requests over 256 prefixes (decode runs of up
-#                to 16 forwards, the CUDA default), step timings, a kernel profile        20 s
-#   5. peft      PEFT generate, one prefix, batch 256                                      23 s
-#   6. cb        transformers generate_batch, 512 requests, no prefix                     37 s
-#   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  21 s
+#                CUDA), if pytest is there                                                26 s
+#   3. setup     random 1.1B-parameter Llama (bf16) and 256 random P=32 prefixes         16 s
+#   4. ours      copy bandwidth, a warm-up of the whole workload, then 1,024 requests over
+#                256 prefixes (decode runs of up to 16 forwards, the CUDA default), step
+#                timings, a kernel profile                                                21 s
+#   5. peft      PEFT generate, one prefix, batch 256                                      21 s
+#   6. cb        transformers generate_batch, 512 requests, no prefix                     35 s
+#   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  18 s
 #   8. ours_plain  decode_steps=1 and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off): the engine of the
-#                earlier runs, for the fused layers' gain; with its own kernel profile       22 s
-#   9. ours512   ours again with max_num_seqs=512                                          17 s
-#  10. ours8     ours with decode runs of up to 8 forwards (the default is 16)             17 s
+#                earlier runs, for the fused layers' gain; with its own kernel profile       21 s
+#   9. ours512   ours again with max_num_seqs=512                                          18 s
+#  10. ours8     ours with decode runs of up to 8 forwards (the default is 16)             20 s
 # Parts 7-10 run only while time is left.
 # Environment: GPU_CHECK_BUDGET_S (default 450: the hard end of the last part), GPU_CHECK_OUT (results folder),
 # GPU_BENCH_LAYERS (the benchmark model's layer count, default 16), GPU_CHECK_PARTS (a rerun of some parts on a
