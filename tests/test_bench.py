@@ -82,7 +82,7 @@ def test_gpu_bench_small_on_cpu_runs_ours_with_decode_runs_and_the_summary(tmp_p
 
 def test_gpu_bench_bandwidths_and_the_roofline_rows_of_the_summary(tmp_path):
     """The bandwidth probes run on a CPU too (small sizes), and the summary turns a GPU run's numbers into the
-    copy roofline (the issue's) and the stricter read-bandwidth one."""
+    copy roofline (the issue's) and the read-bandwidth one."""
     from benchmarks.gpu_bench import _throughput_rows, copy_bandwidth, read_bandwidth, roofline_tok_s
 
     assert copy_bandwidth(1 << 20, 2, device="cpu") > 0 and read_bandwidth(1 << 20, 2, device="cpu") > 0

@@ -126,32 +126,31 @@ class PinnedRing:
 
     def __init__(self, numel: int, slots: int = 4):
         self.buffers = [torch.empty(numel, dtype=torch.int32, pin_memory=True) for _ in range(slots)]
-        self.events = [torch.cuda.Event() for _ in range(slots)]
-        self.used = [False] * slots
+        self.events = [torch.cuda.Event() for _ in range(slots)]  # an event never recorded is complete
         self.next = 0
 
     def copy_to(self, dest: torch.Tensor, values: torch.Tensor) -> None:
-        """dest[:len(values)] = values (a CPU int32 tensor), asynchronously."""
+        """dest[:len(values)] = values (a CPU int32 tensor), asynchronously, on dest's device's current stream."""
         slot = self.next
         self.next = (slot + 1) % len(self.buffers)
-        if self.used[slot]:
-            self.events[slot].synchronize()
+        self.events[slot].synchronize()
         buffer = self.buffers[slot][: values.numel()]
         buffer.copy_(values)
         dest[: values.numel()].copy_(buffer, non_blocking=True)
-        self.events[slot].record()
-        self.used[slot] = True
+        self.events[slot].record(torch.cuda.current_stream(dest.device))
 
 
 class _EagerReplay:
-    """Stands in for a CUDA graph on CPU: replay re-runs the function, which reads the same static buffers."""
+    """Stands in for a CUDA graph on CPU: replay re-runs the function, which reads the same static buffers, and
+    writes its result into one output buffer, as a graph does (so a caller that holds logits across steps fails
+    on CPU too)."""
 
     def __init__(self, fn: Callable[[], torch.Tensor]):
         self.fn = fn
         self.output = fn()
 
     def replay(self) -> torch.Tensor:
-        self.output = self.fn()
+        self.output.copy_(self.fn())
         return self.output
 
 
@@ -225,9 +224,9 @@ class DecodeGraphs:
         """Replay the graph for `key` on this step; fp32 logits [n, vocab], or None if the graph is unavailable.
         `device_ids`, when given, are the step's token ids already on the device (`input_ids` is then ignored).
 
-        The logits are a view of the graph's output buffer: they hold until the next replay of that graph, so a
-        caller reads them (or queues the kernels that do) before its next step. Not copying them saves a pass
-        over B x vocab floats per decode forward."""
+        The logits are a view of the graph's output buffer. The graphs share one memory pool, so the next replay
+        of any graph may overwrite them: a caller reads them, or queues the kernels that do on the same stream,
+        before its next call. Not copying them saves a pass over B x vocab floats per decode forward."""
         graph = self.graphs.get(key) or self._capture(key)
         if graph is None:
             return None

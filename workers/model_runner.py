@@ -204,7 +204,8 @@ class ModelRunner:
 
         `input_ids`, a device tensor of N token ids, replaces `step.input_ids` without a trip through the host
         (a decode run feeds each step the previous step's tokens this way). The logits may be a view of a CUDA
-        graph's output buffer: read them, or queue the kernels that do, before the next call."""
+        graph's output buffer, which the next call may overwrite: read them, or queue the kernels that do on the
+        same stream, before the next call."""
         if self.graphs is not None:
             logits = self._execute_graph(step, input_ids)
             if logits is not None:

@@ -235,7 +235,7 @@ class RunSampler:
         if self.greedy:
             return
         assert all(s["seed"] is None or s["temperature"] == 0 for s in settings), "seeded row in a decode run"
-        # non_blocking, as for the step inputs: the driver stages a pageable source before the call returns
+        # once per run, from pageable memory: the driver stages the source before the call returns
         self.temperature, self.top_k, self.top_p = (
             torch.tensor([s[key] for s in settings], dtype=dtype).to(device, non_blocking=True)
             for key, dtype in (("temperature", torch.float32), ("top_k", torch.long), ("top_p", torch.float32)))
