@@ -74,6 +74,10 @@ run_part() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
+# Which code ran, without trusting git (a copied tree may carry a stale .git): a digest of the Python sources.
+# The same command on a checkout gives the digest to compare with.
+TREE=$(find engine scheduler workers benchmarks -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12)
+echo "source digest $TREE"
 
 run_part kernels 60 "$PY" -m benchmarks.gpu_parity kernels --out "$OUT/kernels.json"
 run_part parity 160 "$PY" -m benchmarks.gpu_parity engine --out "$OUT/engine.json" --budget-s 120
@@ -110,7 +114,7 @@ if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
     --decode-steps 8 --no-profile
 fi
 
-echo "total $(elapsed) s; logs and JSON in $OUT"
+echo "total $(elapsed) s; logs and JSON in $OUT; source digest $TREE"
 if ! timeout 30 "$PY" -m benchmarks.gpu_bench summary --results "$OUT"; then
   echo "FAIL summary; raw results:"
   for f in "$OUT"/*.json; do echo "--- $f"; head -c 3000 "$f"; echo; done
