@@ -66,12 +66,13 @@ class IncrementalDetokenizer:
     """Text deltas from token deltas without re-decoding the whole output each time.
 
     Decodes a window that starts one step back (so tokenizers that drop or merge leading spaces see their
-    context), and holds back text that could still become a stop string or that ends in a partial character.
+    context), and holds back text that ends in a partial character, or whose end is the start of a stop string
+    (only that end: text that cannot begin a stop string is sent at once).
     """
 
-    def __init__(self, tokenizer, holdback: int = 0):
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.holdback = holdback
+        self.stops = stops
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
@@ -86,9 +87,19 @@ class IncrementalDetokenizer:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-        upto = max(self.sent, len(self.text) - self.holdback)
+        upto = max(self.sent, len(self.text) - self._stop_start(self.text))
         delta, self.sent = self.text[self.sent:upto], upto
         return delta
+
+    def _stop_start(self, text: str) -> int:
+        """The length of the longest end of `text` that is a proper prefix of a stop string (0 when none is)."""
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
 
     def finish(self, final_text: str) -> str:
         """The rest of the engine's final text (which has stop strings cut) after what was already sent."""
@@ -105,7 +116,7 @@ class _RequestState:
     sink: asyncio.Queue
     tag: object
     stream: bool
-    holdback: int
+    stops: tuple[str, ...]
     detok: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
 
 
@@ -191,8 +202,7 @@ class AsyncEngineClient:
                          "prefix": prefix})
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. a token id beyond 64 bits
             raise InvalidPromptError(f"The request holds a value that cannot be sent to the engine: {exc}.") from None
-        holdback = max((len(s) for s in params.stop_strings), default=1) - 1
-        self._requests[request_id] = _RequestState(sink, tag, stream, holdback)
+        self._requests[request_id] = _RequestState(sink, tag, stream, tuple(params.stop_strings))
         future = self._loop.create_future()
         self._pending[request_id] = future
         self._out.put(data)
@@ -284,7 +294,7 @@ class AsyncEngineClient:
         if state.stream and self.decode_tokenizer is not None:
             detok = state.detok.get(index)
             if detok is None:
-                detok = state.detok[index] = IncrementalDetokenizer(self.decode_tokenizer, state.holdback)
+                detok = state.detok[index] = IncrementalDetokenizer(self.decode_tokenizer, state.stops)
             # The finishing update's tokens may run past a stop string: take the rest from the engine's text.
             text = detok.add(token_ids) if final_text is None else detok.finish(final_text)
         elif final_text is not None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.errors import InvalidConfigError
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -29,10 +35,36 @@ class EngineConfig:
     # per-step work (docs/gpu.md has the measurements); 1 on CPU
     decode_steps: int | None = None
 
+    def __post_init__(self):
+        """Every setting is checked here, so a bad one fails at once with a message, not later in a worker
+        (a max_num_batched_tokens of 0, for one, would schedule nothing and hang every request)."""
+        for name, optional in (("block_size", False), ("max_num_seqs", False), ("max_num_batched_tokens", False),
+                               ("num_kv_blocks", True), ("max_model_len", True), ("decode_steps", True)):
+            value = getattr(self, name)
+            if (value is not None or not optional) and not (_is_int(value) and value >= 1):
+                raise InvalidConfigError(f"{name} must be an integer of at least 1{' (or None)' if optional else ''}"
+                                         f", got {value!r}.")
+        if self.host_prefix_cache_size is not None and not (_is_int(self.host_prefix_cache_size)
+                                                            and self.host_prefix_cache_size >= 0):
+            raise InvalidConfigError("host_prefix_cache_size must be an integer of at least 0 (or None), "
+                                     f"got {self.host_prefix_cache_size!r}.")
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise InvalidConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}.")
+        if not (isinstance(self.cpu_kv_cache_gb, (int, float)) and self.cpu_kv_cache_gb > 0):
+            raise InvalidConfigError(f"cpu_kv_cache_gb must be above 0, got {self.cpu_kv_cache_gb!r}.")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.executor not in ("inprocess", "ray"):
+            raise InvalidConfigError(f"executor must be 'inprocess' or 'ray', got {self.executor!r}.")
+        if self.attention_backend is not None:
+            from workers.attention import available_backends
+
+            if self.attention_backend not in available_backends():
+                raise InvalidConfigError(f"Unknown attention backend {self.attention_backend!r}; choose one of "
+                                         f"{available_backends()}.")
+
     def resolved_decode_steps(self) -> int:
         if self.decode_steps is not None:
-            if not isinstance(self.decode_steps, int) or isinstance(self.decode_steps, bool) or self.decode_steps < 1:
-                raise ValueError(f"decode_steps must be an integer of at least 1 (or None), got {self.decode_steps!r}.")
             return self.decode_steps
         return 16 if str(self.device).startswith("cuda") else 1
 
@@ -43,7 +75,5 @@ class EngineConfig:
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
-            if self.dtype not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
             return self.dtype
         return "bfloat16" if str(self.device).startswith("cuda") else "float32"

@@ -15,6 +15,10 @@ class InvalidSamplingParamsError(PrefixServeError, ValueError):
     """A SamplingParams field is out of range."""
 
 
+class InvalidConfigError(PrefixServeError, ValueError):
+    """An engine setting (LLM(...) argument or server option) is out of range or names nothing that exists."""
+
+
 class UnknownPrefixError(PrefixServeError, KeyError):
     """A request names a prefix that is not registered."""
 

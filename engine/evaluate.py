@@ -267,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
             unknown = [t for t in tasks if t not in TASKS]
             if unknown:
                 raise PrefixServeError(f"Unknown demo task(s) {unknown}; choose from {list(TASKS)}.")
+            bad = [item for item in args.full_model if "=" not in item]
+            if bad:
+                raise PrefixServeError(f"With --demo, --full-model takes TASK=DIR (one per task), got {bad}.")
             full = dict(item.split("=", 1) for item in args.full_model)
             results = evaluate_demo(tasks, full, args.limit, args.max_tokens, args.device)
         else:

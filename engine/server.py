@@ -25,7 +25,7 @@ from aiohttp import web
 
 from engine import protocol
 from engine.async_engine import raise_for
-from engine.errors import PrefixServeError, PromptTooLongError
+from engine.errors import InvalidConfigError, PrefixServeError, PromptTooLongError
 from engine.metrics import RequestTimer
 
 logger = logging.getLogger("prefix_serve.server")
@@ -355,7 +355,8 @@ class OpenAIServer:
             if include_usage:
                 await send([], protocol.usage(sum(map(len, gen.prompts)), completion_tokens))
         except PrefixServeError as exc:  # the engine died, or a prompt failed, mid-stream: the status is sent
-            await response.write(b"data: " + _dumps(protocol.error_body(exc.http_status, str(exc))) + b"\n\n")
+            body = protocol.error_body(exc.http_status, str(exc), getattr(exc, "error_type", type(exc).__name__))
+            await response.write(b"data: " + _dumps(body) + b"\n\n")
         except ConnectionError:  # the client went away; the caller's `finally` aborts the engine requests
             return response
         await response.write(b"data: [DONE]\n\n")
@@ -444,8 +445,22 @@ def _prefix_dirs(args) -> list[str]:
     return dirs
 
 
-def run(args) -> int:
+
+def _engine_config(args, prefix_dirs: list[str]):
     from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        executor=args.executor, attention_backend=args.attention_backend,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+        host_prefix_cache_size=args.host_prefix_cache_size, decode_steps=args.decode_steps,
+        allowed_prefix_roots=tuple([d for d in prefix_dirs if d != str(DEMO_PREFIX_DIR)]
+                                   + [str(Path(r).resolve()) for r in args.allowed_prefix_root]))
+
+
+def run(args) -> int:
     from engine.engine_process import EngineProcessOptions
     from engine.model_loader import EMBEDDED_MODEL_NAME
 
@@ -462,15 +477,10 @@ def run(args) -> int:
                          "MODEL before the option: prefix-serve serve MODEL --served-model-name NAME.")
     if args.decode_steps is not None and args.decode_steps < 1:
         raise SystemExit(f"prefix-serve serve: --decode-steps must be at least 1, got {args.decode_steps}.")
-    config = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        executor=args.executor, attention_backend=args.attention_backend,
-        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
-        host_prefix_cache_size=args.host_prefix_cache_size, decode_steps=args.decode_steps,
-        allowed_prefix_roots=tuple([d for d in prefix_dirs if d != str(DEMO_PREFIX_DIR)]
-                                   + [str(Path(r).resolve()) for r in args.allowed_prefix_root]))
+    try:
+        config = _engine_config(args, prefix_dirs)
+    except InvalidConfigError as exc:
+        raise SystemExit(f"prefix-serve serve: {exc} (see prefix-serve serve --help)") from None
     options = EngineProcessOptions(prefix_dirs=tuple(prefix_dirs), debug=args.debug_endpoints,
                                    log_level=args.log_level)
     names = tuple(args.served_model_name or [args.model if args.model is not None else EMBEDDED_MODEL_NAME])

@@ -68,18 +68,24 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     file = Path(path)
     if not file.is_file():
         raise TrainingDataError(f"Data file {path!r} does not exist.")
+    data = file.read_bytes()
+    try:
+        lines = data.decode("utf-8-sig").split("\n")  # not splitlines(): JSON strings may hold U+2028 and the like
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise TrainingDataError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the "
+                                "file as UTF-8.") from None
     records = []
-    with file.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except ValueError as exc:
-                raise TrainingDataError(f"{path}, line {number}: not valid JSON ({exc}).") from None
-            if not isinstance(record, dict):
-                raise TrainingDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
-            records.append((number, record))
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            raise TrainingDataError(f"{path}, line {number}: not valid JSON ({exc}).") from None
+        if not isinstance(record, dict):
+            raise TrainingDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
+        records.append((number, record))
     if not records:
         raise TrainingDataError(f"Data file {path!r} has no examples. Each line must be a JSON object with "
                                 '"prompt" and "completion", or with "messages".')
@@ -96,6 +102,8 @@ def _check_messages(messages, where: str, need_answer: bool) -> None:
     if need_answer and (messages[-1]["role"] != "assistant" or len(messages) < 2):
         raise TrainingDataError(f"{where}: the last message must be the assistant's answer, after at least one "
                                 "other message.")
+    if need_answer and not messages[-1]["content"].strip():
+        raise TrainingDataError(f"{where}: the completion is empty (the assistant's answer has no text).")
 
 
 def _chat_template(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool) -> str:
@@ -342,14 +350,15 @@ def train(options: TrainOptions) -> TrainResult:
 
 
 def _optimize(model, examples: list[Example], options: TrainOptions, steps: int, pad_id: int):
-    """AdamW with 5% warmup and linear decay over `steps` batches; returns (smoothed loss, examples seen, seconds)."""
+    """AdamW with 5% warmup (none under 20 steps) and linear decay over `steps` batches; returns (smoothed loss, examples seen, seconds)."""
     import torch
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                   weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    # warm-up steps start from a learning rate of 0, so a run under 20 steps has none (one would waste its first)
+    schedule = get_linear_schedule_with_warmup(optimizer, steps // 20, steps)
     stream = batches(examples, options.batch_size, options.seed)
     smoothed, seen, started = None, 0, time.perf_counter()
     with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:

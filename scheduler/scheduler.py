@@ -143,11 +143,14 @@ class Scheduler:
         for item in out.scheduled:
             seq = item.seq
             params = seq.request.params
-            if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or (
+            generated = len(seq.token_ids) - len(seq.request.prompt_token_ids)
+            if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or generated == 0 or (
                     not params.greedy and params.seed is not None):
-                return  # a seeded row draws from its own generator on the host, token by token
+                # a seeded row draws from its own generator on the host, token by token; a prompt's last token
+                # (a prefill chunk of one) samples the first output token, which must not wait for a run's end
+                return
             # the tokens it may still generate: this step's first one is already within both bounds
-            length = min(limit, params.max_tokens - (len(seq.token_ids) - len(seq.request.prompt_token_ids)))
+            length = min(limit, params.max_tokens - generated)
             if max_len is not None:
                 length = min(length, max_len - seq.num_tokens)
             lengths.append(max(length, 1))

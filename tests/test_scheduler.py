@@ -8,8 +8,8 @@ from scheduler.request import Request, Sequence
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 
-def _scheduler(decode_steps=8, num_blocks=64, max_num_seqs=8, max_model_len=None) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, decode_steps=decode_steps,
+def _scheduler(decode_steps=8, num_blocks=64, max_num_seqs=8, max_model_len=None, budget=256) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, decode_steps=decode_steps,
                              max_model_len=max_model_len)
     return Scheduler(config, BlockManager(num_blocks, block_size=4))
 
@@ -93,6 +93,18 @@ def test_no_run_for_seeded_sampling_or_without_free_blocks():
     _add(sched, 0, prompt_len=11, max_tokens=100)
     _step(sched)
     assert _step(sched).num_steps == 1  # 12 tokens fill 3 blocks; 8 more would need 2 of the 1 left
+    sched.check_integrity()
+
+
+def test_the_first_output_token_is_never_inside_a_run():
+    """A chunked prefill whose last chunk is one prompt token looks like a decode step; a run there would hold
+    the first token back until the run ends (found by a differential test)."""
+    sched = _scheduler(decode_steps=8, budget=4)
+    seq = _add(sched, 0, prompt_len=5, max_tokens=100)
+    assert _step(sched).scheduled[0].num_tokens == 4
+    out = _step(sched)  # the last prompt token: it samples the first output token, alone
+    assert out.scheduled[0].num_tokens == 1 and out.num_steps == 1 and len(seq.token_ids) == 6
+    assert _step(sched).num_steps == 8
     sched.check_integrity()
 
 

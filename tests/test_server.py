@@ -365,6 +365,10 @@ def test_a_prefix_whose_file_vanished_fails_its_request_with_500_and_nothing_els
     assert isinstance(bad, openai.InternalServerError) and "could not be loaded" in bad.message, bad
     assert good.choices[0].text == greedy(offline, ["ahoy matey"], ["task4"], 6)[0].text
     assert_no_leak(server)
+    status, body = http("POST", server.url + "/v1/completions", {"model": "doomed", "prompt": "one", "max_tokens": 4,
+                                                                  "temperature": 0, "stream": True})
+    events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: {")]
+    assert status == 200 and events[-1]["error"]["code"] == "PrefixLoadError", body  # as a non-streamed 500 says
     weights.write_bytes(saved)  # back again: the next request reads the file and runs
     got = client(server).completions.create(model="doomed", prompt="one", max_tokens=3, **GREEDY)
     assert got.choices[0].finish_reason in ("stop", "length")

@@ -119,13 +119,29 @@ def test_streamed_text_never_runs_past_a_stop_string(tokenizer):
         end = next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
         final = tokenizer.decode(ids[:end])
         final = final[:final.find(stop)]
-        detok = IncrementalDetokenizer(tokenizer, holdback=len(stop) - 1)
-        pieces = [detok.add([t]) for t in ids[:end - 1]]
+        stops = (stop, "never a stop")
+        detok = IncrementalDetokenizer(tokenizer, stops)
+        pieces = []
+        for t in ids[:end - 1]:
+            pieces.append(detok.add([t]))
+            held = detok.text[detok.sent:]
+            assert held == "" or any(s.startswith(held) for s in stops), (held, stop)  # only a stop's possible start
         assert stop not in "".join(pieces)
         pieces.append(detok.finish(final))
         assert "".join(pieces) == final
         checked += 1
     assert checked > 100
+
+
+def test_streamed_text_holds_back_only_what_could_start_a_stop_string():
+    class Chars:  # one token per character
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    detok = IncrementalDetokenizer(Chars(), (" The answer", "zz"))
+    assert [detok.add([ord(c)]) for c in " Paris. T"] == ["", " P", "a", "r", "i", "s", ".", "", ""]
+    assert detok.add([ord("h")]) == "" and detok.add([ord("x")]) == " Thx"
+    assert detok.add([ord("z")]) == "" and detok.add([ord("a")]) == "za"
 
 
 # ---- the engine loop, in-process --------------------------------------------------------------------------------
@@ -246,6 +262,30 @@ def test_decode_steps_setting_is_checked():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="decode_steps must be an integer"):
             EngineConfig(decode_steps=bad).resolved_decode_steps()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be an integer of at least 1"),  # hung every request
+    ({"block_size": 0}, "block_size must be"), ({"max_num_seqs": 0}, "max_num_seqs must be"),
+    ({"num_kv_blocks": 0}, "num_kv_blocks must be"), ({"max_model_len": -1}, "max_model_len must be"),
+    ({"dtype": "fp8"}, "dtype must be"), ({"executor": "mpi"}, "executor must be"),
+    ({"attention_backend": "flash"}, "Unknown attention backend"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be"), ({"cpu_kv_cache_gb": 0}, "cpu_kv_cache_gb"),
+    ({"host_prefix_cache_size": -1}, "host_prefix_cache_size must be"),
+])
+def test_every_engine_setting_is_checked_when_the_config_is_made(setting, message):
+    from engine.config import EngineConfig
+    from engine.errors import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError, match=message):
+        EngineConfig(**setting)
+
+
+def test_serve_refuses_a_bad_setting_before_starting_the_engine():
+    from engine.cli import main
+
+    with pytest.raises(SystemExit, match="max_num_batched_tokens must be an integer of at least 1"):
+        main(["serve", "--max-num-batched-tokens", "0", "--port", "0"])
 
 
 # ---- metric names: docs and dashboard agree with what the server exports ----------------------------------------

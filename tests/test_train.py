@@ -82,6 +82,9 @@ def _pairs(count: int) -> list[dict]:
     ([{"messages": [{"role": "user", "content": "hi"}]}], "line 1: the last message must be the assistant's"),
     ([{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}], 'line 1: message 0 needs'),
     ([{"prompt": "a", "completion": "  "}], "line 1: the completion is empty"),
+    ([{"prompt": "a", "completion": "b"}, {"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": ""}]}],
+     "line 2: the completion is empty"),
     ([], "has no examples"),
     (["", "   "], "has no examples"),
 ])
@@ -90,6 +93,15 @@ def test_bad_training_data_raises_an_error_naming_the_line(tmp_path, tokenizer, 
     with pytest.raises(TrainingDataError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         load_examples(str(data), tokenizer, max_length=256)
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, tokenizer):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(TrainingDataError, match="line 2: not UTF-8 text"):
+        load_examples(str(data), tokenizer, max_length=256)
+    data.write_bytes(b'\xef\xbb\xbf{"prompt": "a\xe2\x80\xa8b", "completion": "c"}\r\n')  # BOM, U+2028, CRLF
+    assert len(load_examples(str(data), tokenizer, max_length=256)) == 1
 
 
 def test_missing_data_file_raises_training_data_error(tmp_path, tokenizer):
@@ -253,6 +265,16 @@ def test_prefix_projection_saves_the_projected_prefix_that_peft_and_the_engine_l
     PeftModel.from_pretrained(base, options.out)
     spec = ModelSpec.from_config(base.config)
     check_adapter_tensor(options.out, spec, read_adapter_config(options.out, spec))  # shape [4, 2 * 2 * 32]
+
+
+def test_a_one_step_run_changes_the_prefix(tmp_path, tiny_dir):
+    """Warm-up starts from a learning rate of 0; a run too short for a 5% warm-up must not spend its steps
+    there (found when `--steps 1` left the untrained and trained losses equal)."""
+    data = _write_jsonl(tmp_path / "train.jsonl", _pairs(4))
+    options = TrainOptions(data=str(data), eval_data=str(data), out=str(tmp_path / "one"), model=str(tiny_dir),
+                           num_virtual_tokens=4, steps=1, batch_size=4)
+    result = train(options)
+    assert result.eval_loss_after != result.eval_loss_before
 
 
 # --- evaluation metrics ---------------------------------------------------------------------------------------------

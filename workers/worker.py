@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import InvalidConfigError
 from engine.model_loader import ModelSpec
 from workers import messages
 from workers.attention import default_backend_name
@@ -52,6 +53,9 @@ class Worker:
     def __init__(self, config: WorkerConfig, spec: ModelSpec):
         self.config = config
         self.spec = spec
+        if str(config.device).startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidConfigError(f"device {config.device!r} asks for a GPU, but this torch ({torch.__version__}) "
+                                     "sees none. Install a CUDA build of torch, or use device 'cpu'.")
         dtype = _dtype(config.dtype)
         model = load_model(config.model_path, dtype, config.device)
         num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
