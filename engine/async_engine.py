@@ -92,10 +92,13 @@ class IncrementalDetokenizer:
         return delta
 
     def _stop_start(self, text: str) -> int:
-        """The length of the longest end of `text` that is a proper prefix of a stop string (0 when none is)."""
+        """The length of the longest end of `text` that is a proper prefix of a stop string (0 when none is).
+
+        Only the unsent end is searched: text already sent could not begin a stop string then, and text added
+        since only extends it, so it cannot now. That keeps a token's cost to the stops times the held text."""
         longest = 0
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            for k in range(min(len(stop) - 1, len(text) - self.sent), longest, -1):
                 if text.endswith(stop[:k]):
                     longest = k
                     break

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from engine.errors import InvalidConfigError
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad(field: str, message: str) -> InvalidConfigError:
+    error = InvalidConfigError(f"{field} {message}")
+    error.field = field  # the server names its option instead
+    return error
 
 
 @dataclass(frozen=True)
@@ -42,26 +54,23 @@ class EngineConfig:
                                ("num_kv_blocks", True), ("max_model_len", True), ("decode_steps", True)):
             value = getattr(self, name)
             if (value is not None or not optional) and not (_is_int(value) and value >= 1):
-                raise InvalidConfigError(f"{name} must be an integer of at least 1{' (or None)' if optional else ''}"
-                                         f", got {value!r}.")
-        if self.host_prefix_cache_size is not None and not (_is_int(self.host_prefix_cache_size)
-                                                            and self.host_prefix_cache_size >= 0):
-            raise InvalidConfigError("host_prefix_cache_size must be an integer of at least 0 (or None), "
-                                     f"got {self.host_prefix_cache_size!r}.")
-        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
-            raise InvalidConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}.")
-        if not (isinstance(self.cpu_kv_cache_gb, (int, float)) and self.cpu_kv_cache_gb > 0):
-            raise InvalidConfigError(f"cpu_kv_cache_gb must be above 0, got {self.cpu_kv_cache_gb!r}.")
+                raise _bad(name, f"must be an integer of at least 1{' (or None)' if optional else ''}, got {value!r}.")
+        size = self.host_prefix_cache_size
+        if size is not None and not (_is_int(size) and size >= 0):
+            raise _bad("host_prefix_cache_size", f"must be an integer of at least 0 (or None), got {size!r}.")
+        if not (_is_real(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
+            raise _bad("gpu_memory_utilization", f"must be a number in (0, 1], got {self.gpu_memory_utilization!r}.")
+        if not (_is_real(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0):
+            raise _bad("cpu_kv_cache_gb", f"must be a finite number above 0, got {self.cpu_kv_cache_gb!r}.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise InvalidConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+            raise _bad("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.executor not in ("inprocess", "ray"):
-            raise InvalidConfigError(f"executor must be 'inprocess' or 'ray', got {self.executor!r}.")
+            raise _bad("executor", f"must be 'inprocess' or 'ray', got {self.executor!r}.")
         if self.attention_backend is not None:
             from workers.attention import available_backends
 
             if self.attention_backend not in available_backends():
-                raise InvalidConfigError(f"Unknown attention backend {self.attention_backend!r}; choose one of "
-                                         f"{available_backends()}.")
+                raise _bad("attention_backend", f"{self.attention_backend!r} is not one of {available_backends()}.")
 
     def resolved_decode_steps(self) -> int:
         if self.decode_steps is not None:

@@ -445,7 +445,6 @@ def _prefix_dirs(args) -> list[str]:
     return dirs
 
 
-
 def _engine_config(args, prefix_dirs: list[str]):
     from engine.config import EngineConfig
 
@@ -480,7 +479,9 @@ def run(args) -> int:
     try:
         config = _engine_config(args, prefix_dirs)
     except InvalidConfigError as exc:
-        raise SystemExit(f"prefix-serve serve: {exc} (see prefix-serve serve --help)") from None
+        field = getattr(exc, "field", "")
+        message = f"--{field.replace('_', '-')}{str(exc)[len(field):]}" if hasattr(args, field) else str(exc)
+        raise SystemExit(f"prefix-serve serve: {message} See prefix-serve serve --help.") from None
     options = EngineProcessOptions(prefix_dirs=tuple(prefix_dirs), debug=args.debug_endpoints,
                                    log_level=args.log_level)
     names = tuple(args.served_model_name or [args.model if args.model is not None else EMBEDDED_MODEL_NAME])

@@ -11,6 +11,7 @@ measured against, trained by the same loop on the same batches.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import random
@@ -70,11 +71,15 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         raise TrainingDataError(f"Data file {path!r} does not exist.")
     data = file.read_bytes()
     try:
-        lines = data.decode("utf-8-sig").split("\n")  # not splitlines(): JSON strings may hold U+2028 and the like
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise TrainingDataError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the "
-                                "file as UTF-8.") from None
+        at = exc.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)  # utf-8-sig counts after its BOM
+        line = data[:at].count(b"\n") + 1
+        raise TrainingDataError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte {at}); save the file "
+                                "as UTF-8.") from None
+    # Any line ending (a raw CR cannot occur inside a JSON string); not splitlines(), which also splits at
+    # U+2028 and other characters that JSON strings may hold
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     records = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
@@ -102,8 +107,6 @@ def _check_messages(messages, where: str, need_answer: bool) -> None:
     if need_answer and (messages[-1]["role"] != "assistant" or len(messages) < 2):
         raise TrainingDataError(f"{where}: the last message must be the assistant's answer, after at least one "
                                 "other message.")
-    if need_answer and not messages[-1]["content"].strip():
-        raise TrainingDataError(f"{where}: the completion is empty (the assistant's answer has no text).")
 
 
 def _chat_template(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool) -> str:
@@ -151,7 +154,7 @@ def encode_record(record: dict, line: int, path: str, tokenizer) -> Example:
     if not prompt_ids:
         raise TrainingDataError(f"{where}: the prompt is empty; the first completion token needs a prompt token "
                                 "to be predicted from.")
-    if not completion.strip():
+    if not completion.strip() or (chat and not record["messages"][-1]["content"].strip()):
         raise TrainingDataError(f"{where}: the completion is empty.")
     return Example(line, tuple(prompt_ids), tuple(completion_ids))
 

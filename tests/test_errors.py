@@ -117,6 +117,8 @@ def test_prompt_that_could_never_fit_the_kv_cache_is_rejected(tiny_zoo):
     ("max_tokens", 0, "max_tokens must be an integer >= 1"),
     ("seed", -1, "seed must be an integer in"),
     ("stop", [""], "stop must be a non-empty string"),
+    ("stop", [f"s{i}" for i in range(257)], "stop takes at most 256 strings of at most 4096 characters each, got 257"),
+    ("stop", "x" * 4097, "the longest 4097 characters"),
 ])
 def test_invalid_sampling_params_raise_a_named_error(field, value, message):
     with pytest.raises(InvalidSamplingParamsError, match=message):

@@ -269,8 +269,9 @@ def test_decode_steps_setting_is_checked():
     ({"block_size": 0}, "block_size must be"), ({"max_num_seqs": 0}, "max_num_seqs must be"),
     ({"num_kv_blocks": 0}, "num_kv_blocks must be"), ({"max_model_len": -1}, "max_model_len must be"),
     ({"dtype": "fp8"}, "dtype must be"), ({"executor": "mpi"}, "executor must be"),
-    ({"attention_backend": "flash"}, "Unknown attention backend"),
+    ({"attention_backend": "flash"}, "attention_backend 'flash' is not one of"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be"), ({"cpu_kv_cache_gb": 0}, "cpu_kv_cache_gb"),
+    ({"cpu_kv_cache_gb": float("inf")}, "cpu_kv_cache_gb must be a finite"), ({"max_num_seqs": True}, "max_num_seqs"),
     ({"host_prefix_cache_size": -1}, "host_prefix_cache_size must be"),
 ])
 def test_every_engine_setting_is_checked_when_the_config_is_made(setting, message):
@@ -281,10 +282,18 @@ def test_every_engine_setting_is_checked_when_the_config_is_made(setting, messag
         EngineConfig(**setting)
 
 
+def test_numpy_numbers_are_good_settings():
+    import numpy as np
+
+    from engine.config import EngineConfig
+
+    EngineConfig(max_num_seqs=np.int64(8), gpu_memory_utilization=np.float32(0.5), cpu_kv_cache_gb=1)
+
+
 def test_serve_refuses_a_bad_setting_before_starting_the_engine():
     from engine.cli import main
 
-    with pytest.raises(SystemExit, match="max_num_batched_tokens must be an integer of at least 1"):
+    with pytest.raises(SystemExit, match="--max-num-batched-tokens must be an integer of at least 1, got 0"):
         main(["serve", "--max-num-batched-tokens", "0", "--port", "0"])
 
 

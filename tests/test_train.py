@@ -100,8 +100,13 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path, tokenizer):
     data.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
     with pytest.raises(TrainingDataError, match="line 2: not UTF-8 text"):
         load_examples(str(data), tokenizer, max_length=256)
+    data.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(TrainingDataError, match="line 2: not UTF-8 text .* at byte 50"):  # counted from the BOM
+        load_examples(str(data), tokenizer, max_length=256)
     data.write_bytes(b'\xef\xbb\xbf{"prompt": "a\xe2\x80\xa8b", "completion": "c"}\r\n')  # BOM, U+2028, CRLF
     assert len(load_examples(str(data), tokenizer, max_length=256)) == 1
+    data.write_bytes(b'{"prompt": "a", "completion": "b"}\r{"prompt": "c", "completion": "d"}\r')  # CR only
+    assert [e.line for e in load_examples(str(data), tokenizer, max_length=256)] == [1, 2]
 
 
 def test_missing_data_file_raises_training_data_error(tmp_path, tokenizer):
@@ -308,6 +313,9 @@ def test_eval_items_put_the_instruction_before_the_last_user_turn(tmp_path, toke
     assert tokenizer.decode(item.prompt_ids) == "<user>x=1<eos><assistant>"
     assert tokenizer.decode(item.instruction_ids) == "<user>Do it: x=1<eos><assistant>"
     assert item.reference == "1"
+    empty = _write_jsonl(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "x=1"},
+                                                              {"role": "assistant", "content": ""}]}])
+    assert load_eval_items(str(empty), tokenizer)[0].reference == ""  # an error for training only
 
 
 # --- demo datasets and committed prefixes ---------------------------------------------------------------------------

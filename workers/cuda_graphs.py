@@ -142,8 +142,8 @@ class PinnedRing:
 
 class _EagerReplay:
     """Stands in for a CUDA graph on CPU: replay re-runs the function, which reads the same static buffers, and
-    writes its result into one output buffer, as a graph does (so a caller that holds logits across steps fails
-    on CPU too)."""
+    writes its result into one output buffer, as a graph does (so a caller that holds logits across steps reads
+    overwritten values on CPU too, where the parity tests catch it)."""
 
     def __init__(self, fn: Callable[[], torch.Tensor]):
         self.fn = fn

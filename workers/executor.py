@@ -6,10 +6,13 @@ tell them apart. Ray is imported only by the Ray executor, so `import engine` wo
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 
 from engine.model_loader import ModelSpec
 from workers.worker import Worker, WorkerConfig
+
+logger = logging.getLogger("prefix_serve.executor")
 
 
 class Executor(ABC):
@@ -65,6 +68,10 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
         on_gpu = str(config.device).startswith("cuda")
+        if on_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+            # not an error: an autoscaling cluster (KubeRay) adds GPU nodes when an actor asks for one
+            logger.warning("The Ray cluster has no GPU now; the model worker waits until one joins. With no "
+                           "autoscaler, start a GPU node or use device 'cpu'.")
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(_WorkerActor)
         if on_gpu:
             config = WorkerConfig(**{**config.__dict__, "device": "cuda"})  # Ray sets CUDA_VISIBLE_DEVICES

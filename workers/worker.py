@@ -54,8 +54,10 @@ class Worker:
         self.config = config
         self.spec = spec
         if str(config.device).startswith("cuda") and not torch.cuda.is_available():
+            fix = ("Install a CUDA build of torch" if torch.version.cuda is None
+                   else "Check CUDA_VISIBLE_DEVICES and the NVIDIA driver")
             raise InvalidConfigError(f"device {config.device!r} asks for a GPU, but this torch ({torch.__version__}) "
-                                     "sees none. Install a CUDA build of torch, or use device 'cpu'.")
+                                     f"sees none. {fix}, or use device 'cpu'.")
         dtype = _dtype(config.dtype)
         model = load_model(config.model_path, dtype, config.device)
         num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
