@@ -353,7 +353,8 @@ def train(options: TrainOptions) -> TrainResult:
 
 
 def _optimize(model, examples: list[Example], options: TrainOptions, steps: int, pad_id: int):
-    """AdamW with 5% warmup (none under 20 steps) and linear decay over `steps` batches; returns (smoothed loss, examples seen, seconds)."""
+    """AdamW with 5% warmup (none under 20 steps) and linear decay over `steps` batches; returns (smoothed loss,
+    examples seen, seconds)."""
     import torch
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
