@@ -670,9 +670,10 @@ def _throughput_rows(results_dir: Path) -> list[tuple[str, str, str]]:
         rows.append(("roofline", "no result", "FAIL"))
     decode, read = run.get("decode_phase") or {}, ours.get("read_bandwidth")
     if read and info.get("weight_bytes") and decode.get("tok_s"):  # informational: the roofline is above
-        strict = roofline_tok_s(read, info["weight_bytes"], info["kv_bytes_per_token"], batch, work.avg_decode_context)
-        rows.append(("read bandwidth (sum over 1 GiB)", f"{read / 1e12:.2f} TB/s",
-                     f"roofline at it {strict:,.0f} tok/s; the pure decode steps reach {decode['tok_s'] / strict:.1%}"))
+        read_roof = roofline_tok_s(read, info["weight_bytes"], info["kv_bytes_per_token"], batch,
+                                   work.avg_decode_context)
+        rows.append(("read bandwidth (sum over 1 GiB)", f"{read / 1e12:.2f} TB/s", f"roofline at it {read_roof:,.0f} "
+                     f"tok/s; the pure decode steps reach {decode['tok_s'] / read_roof:.1%}"))
     if decode.get("ms_per_forward"):
         rows.append(("forwards of the pure decode steps", f"{decode['ms_per_forward']:.3f} ms each",
                      f"{decode['forwards']} forwards in {decode['engine_steps']} engine steps, "

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidSamplingParamsError
 
-MAX_STOP_STRINGS = 256
-MAX_STOP_CHARS = 4096
 
 @dataclass
 class SamplingParams:
@@ -26,6 +24,9 @@ class SamplingParams:
     # Below this, dividing logits by the temperature overflows fp32: such a request samples greedily, as in vLLM.
     MIN_TEMPERATURE = 1e-5
     MAX_INT = 2**63 - 1  # every integer crosses msgpack and torch as an int64
+    # every streamed token is checked against each stop string's possible starts: bound that work
+    MAX_STOP_STRINGS = 256
+    MAX_STOP_CHARS = 4096
 
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -61,10 +62,11 @@ class SamplingParams:
             bad(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}.")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
-        # every streamed token is checked against each stop string's possible starts: bound that work
-        if len(self.stop_strings) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop_strings):
-            bad(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters each, got "
-                f"{len(self.stop_strings)} strings, the longest {max(map(len, self.stop_strings))} characters.")
+        if (len(self.stop_strings) > self.MAX_STOP_STRINGS
+                or any(len(s) > self.MAX_STOP_CHARS for s in self.stop_strings)):
+            longest = max(map(len, self.stop_strings))
+            bad(f"stop takes at most {self.MAX_STOP_STRINGS} strings of at most {self.MAX_STOP_CHARS} characters "
+                f"each, got {len(self.stop_strings)} strings, the longest {longest} characters.")
         if any(not is_int(t, 0) for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
 
