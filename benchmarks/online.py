@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         for i in range(16):
             write_random_prefix(root / f"task{i}", spec, 16, seed=i, model_name=path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        command = [sys.executable, "-m", "engine.server", *([args.model] if args.model else []), "--prefix-dir",
+        command = [sys.executable, "-m", "engine.serving.server", *([args.model] if args.model else []), "--prefix-dir",
                    str(root), "--port", "0"]
         server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = None

@@ -12,10 +12,10 @@ import importlib
 import sys
 
 _SUBCOMMANDS = {
-    "serve": ("engine.server", "run the OpenAI-compatible HTTP server"),
-    "demo": ("engine.demo", "show the same prompts with and without each demo prefix"),
-    "train": ("engine.train", "train a PEFT prefix-tuning adapter on JSONL data"),
-    "eval": ("engine.evaluate", "score a prefix against the base model on held-out data"),
+    "serve": ("engine.serving.server", "run the OpenAI-compatible HTTP server"),
+    "demo": ("engine.training.demo", "show the same prompts with and without each demo prefix"),
+    "train": ("engine.training.train", "train a PEFT prefix-tuning adapter on JSONL data"),
+    "eval": ("engine.training.evaluate", "score a prefix against the base model on held-out data"),
     "bench": ("benchmarks.bench", "run the benchmarks (baselines and ours in one run)"),
 }
 

@@ -19,6 +19,8 @@ from engine.errors import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+# prefixes trained for the embedded model (engine/training/ makes them; the server and the demo serve them)
+DEMO_PREFIX_DIR = Path(__file__).resolve().parent / "demo_prefixes"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, driven over HTTP by the unmodified `openai` client.
 
-One real server (`python -m engine.server`, the `serve` subcommand) runs for the whole module on a tiny random
+One real server (`python -m engine.serving.server`, the `serve` subcommand) runs for the whole module on a tiny random
 Llama with a byte-level tokenizer, eight prefixes and an API key. Greedy outputs must equal offline
 `LLM.generate` token for token, streamed text must equal non-streamed text, counters must move by exactly the
 workload's amounts, and after concurrent streams and client disconnects no KV block may be leaked.

@@ -81,11 +81,11 @@ def build_prefixes(model_dir: Path, out_dir: Path, count: int, first_seed: int =
 
 
 class ServerProcess:
-    """`python -m engine.server ...` (the `serve` subcommand) on a free port; `wait_ready()` sets `url`."""
+    """`python -m engine.serving.server ...` (the `serve` subcommand) on a free port; `wait_ready()` sets `url`."""
 
     def __init__(self, args: list[str], startup_timeout: float = 180.0):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.server", *args, "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.serving.server", *args, "--port", "0"],
                                      cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []

@@ -13,9 +13,9 @@ import msgpack
 import pytest
 from test_server_support import build_model, build_prefixes, build_tokenizer
 
-from engine import protocol
-from engine.async_engine import IncrementalDetokenizer
-from engine.engine_process import EngineLoop, EngineProcessOptions, EngineProtocolError, pack, unpack
+from engine.serving import protocol
+from engine.serving.async_engine import IncrementalDetokenizer
+from engine.serving.engine_process import EngineLoop, EngineProcessOptions, EngineProtocolError, pack, unpack
 from engine.errors import InvalidPromptError, InvalidSamplingParamsError
 
 
@@ -237,7 +237,7 @@ def test_messages_of_another_protocol_version_are_refused():
 
 # ---- command line -----------------------------------------------------------------------------------------------
 def test_serve_help_lists_its_options():
-    from engine import server
+    from engine.serving import server
 
     parser = argparse.ArgumentParser(prog="prefix-serve")
     server.add_parser(parser.add_subparsers(dest="command"))
@@ -301,7 +301,7 @@ def test_serve_refuses_a_bad_setting_before_starting_the_engine():
 def _exported_metric_names() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from engine.metrics import ServerMetrics
+    from engine.serving.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     metrics.http_requests.labels("/v1/completions", "200").inc()

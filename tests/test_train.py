@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.train import (Example, TrainingDataError, TrainOptions, completion_loss, load_examples, make_batch,
-                          prefix_from_text, train)
+from engine.training.train import (Example, TrainingDataError, TrainOptions, completion_loss, load_examples,
+                                   make_batch, prefix_from_text, train)
 
 EOS, PAD = 1, 2
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
@@ -127,7 +127,7 @@ def test_example_longer_than_the_context_is_rejected_by_line(tmp_path, tiny_dir)
 def test_train_command_prints_the_error_and_exits_2(tmp_path, tiny_dir, capsys):
     import argparse
 
-    from engine import train as train_module
+    from engine.training import train as train_module
 
     parser = argparse.ArgumentParser()
     train_module.add_parser(parser.add_subparsers())
@@ -285,7 +285,7 @@ def test_a_one_step_run_changes_the_prefix(tmp_path, tiny_dir):
 # --- evaluation metrics ---------------------------------------------------------------------------------------------
 
 def test_score_counts_json_format_and_exact_match():
-    from engine.evaluate import score
+    from engine.training.evaluate import score
 
     reference = '{"name": "Ann Lee", "age": 30}'
     outputs = ['{"name": "Ann Lee", "age": 30}', 'JSON: ```json\n{"name": "Ann Lee", "age": 31}\n```',
@@ -297,7 +297,7 @@ def test_score_counts_json_format_and_exact_match():
 
 
 def test_score_exact_match_ignores_whitespace_and_rouge_is_percent():
-    from engine.evaluate import score
+    from engine.training.evaluate import score
 
     metrics = score(["Arr!  Ahoy matey!", "Hello friend"], ["Arr! Ahoy matey!", "Arr! Ahoy matey!"])
     assert metrics["exact_match"] == 50.0
@@ -305,7 +305,7 @@ def test_score_exact_match_ignores_whitespace_and_rouge_is_percent():
 
 
 def test_eval_items_put_the_instruction_before_the_last_user_turn(tmp_path, tokenizer):
-    from engine.evaluate import load_eval_items
+    from engine.training.evaluate import load_eval_items
 
     data = _write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "x=1"},
                                                              {"role": "assistant", "content": " 1 "}]}])
@@ -321,27 +321,27 @@ def test_eval_items_put_the_instruction_before_the_last_user_turn(tmp_path, toke
 # --- demo datasets and committed prefixes ---------------------------------------------------------------------------
 
 def test_demo_datasets_are_regenerated_exactly_and_test_inputs_are_held_out():
-    from engine.demo_data import TASKS, generate
+    from engine.training.demo_data import TASKS, generate
 
     for task in TASKS.values():
         train_rows, test_rows = generate(task)
         assert (len(train_rows), len(test_rows)) == (task.num_train, task.num_test)
         for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
             committed = [json.loads(line) for line in (task.directory / name).read_text().splitlines()]
-            assert committed == rows, f"{task.name}/{name} differs from `python -m engine.demo_data`"
+            assert committed == rows, f"{task.name}/{name} differs from `python -m engine.training.demo_data`"
         train_inputs = {r["messages"][0]["content"] for r in train_rows}
         assert not train_inputs & {r["messages"][0]["content"] for r in test_rows}
 
 
 def test_pirate_rewrite_rules():
-    from engine.demo_data import to_pirate
+    from engine.training.demo_data import to_pirate
 
     assert to_pirate("Hello, my friend! I am looking for the treasure today.") == \
         "Arr! Ahoy, me matey! I be lookin' fer th' treasure today!"
 
 
 def test_committed_demo_prefixes_fit_the_embedded_model():
-    from engine.demo_data import TASKS
+    from engine.training.demo_data import TASKS
     from engine.model_loader import ModelSpec
     from engine.prefix_registry import check_adapter_tensor, read_adapter_config
 
@@ -357,7 +357,7 @@ def test_committed_demo_prefixes_fit_the_embedded_model():
 @pytest.mark.slow
 def test_prefix_training_on_smollm2_reaches_the_prefix(tmp_path):
     """Two steps on the embedded model: the prefix changes the loss and gradients reach only the prefix."""
-    from engine.demo_data import TASKS
+    from engine.training.demo_data import TASKS
 
     task = TASKS["e2e_restaurant"]
     rows = (task.directory / "train.jsonl").read_text().splitlines()[:8]
@@ -371,8 +371,8 @@ def test_prefix_training_on_smollm2_reaches_the_prefix(tmp_path):
 
 @pytest.mark.slow
 def test_each_demo_prefix_beats_the_base_model_on_its_metric():
-    from engine.demo_data import TASKS
-    from engine.evaluate import evaluate_task
+    from engine.training.demo_data import TASKS
+    from engine.training.evaluate import evaluate_task
 
     for task in TASKS.values():
         results = evaluate_task(task.name, str(task.directory / "test.jsonl"), str(task.directory),
@@ -388,8 +388,8 @@ def test_demo_prefixes_served_by_the_engine_match_the_peft_forward_referee():
     from tiny_models import peft_forward_greedy
 
     from engine import LLM, SamplingParams
-    from engine.demo_data import TASKS
-    from engine.evaluate import load_eval_items
+    from engine.training.demo_data import TASKS
+    from engine.training.evaluate import load_eval_items
     from engine.model_loader import resolve_model_path
 
     llm = LLM(model=None, device="cpu", dtype="float32")

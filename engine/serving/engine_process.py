@@ -1,6 +1,6 @@
 """The engine loop in its own process: drains frontend messages, steps the EngineCore, sends back what changed.
 
-The HTTP frontend (`engine.async_engine`) and this loop talk over two pipes with versioned msgpack messages.
+The HTTP frontend (`engine.serving.async_engine`) and this loop talk over two pipes with versioned msgpack messages.
 The loop never waits on HTTP work: it reads only what has already arrived (`poll(0)`) and hands its outgoing
 messages to a sender thread, so a slow or stalled frontend cannot hold a step back. It blocks only when it has
 nothing to run.

@@ -58,7 +58,7 @@ def _with_instruction(record: dict, instruction: str) -> dict:
 
 def load_eval_items(path: str, tokenizer, instruction: str = "", limit: int | None = None) -> list[EvalItem]:
     """Held-out examples, tokenized exactly as `prefix-serve train` tokenizes prompts."""
-    from engine.train import encode_prompt, read_records, split_record
+    from engine.training.train import encode_prompt, read_records, split_record
 
     items = []
     for line, record in read_records(path)[:limit]:
@@ -224,7 +224,7 @@ def _cell(text: str) -> str:
 
 def evaluate_demo(tasks: list[str], full_models: dict[str, str], limit: int | None, max_tokens: int,
                   device: str) -> list[SystemScore]:
-    from engine.demo_data import TASKS, display_path
+    from engine.training.demo_data import TASKS, display_path
 
     results = []
     for name in tasks:
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         if args.demo:
-            from engine.demo_data import TASKS
+            from engine.training.demo_data import TASKS
 
             tasks = args.tasks.split(",") if args.tasks else list(TASKS)
             unknown = [t for t in tasks if t not in TASKS]

@@ -7,7 +7,7 @@ turn is the bare input, so the prefix alone must carry the task:
 - `e2e_restaurant` (table-to-text, in the spirit of the E2E task of the prefix-tuning paper): an attribute record
   in, a fluent description out.
 
-`python -m engine.demo_data` writes `train.jsonl` and `test.jsonl` into `engine/demo_prefixes/<task>/`;
+`python -m engine.training.demo_data` writes `train.jsonl` and `test.jsonl` into `engine/demo_prefixes/<task>/`;
 `--train` then trains each prefix there with `prefix-serve train`, using the settings recorded below.
 """
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-DEMO_DIR = Path(__file__).parent / "demo_prefixes"
+from engine.model_loader import DEMO_PREFIX_DIR
+
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class DemoTask:
 
     @property
     def directory(self) -> Path:
-        return DEMO_DIR / self.name
+        return DEMO_PREFIX_DIR / self.name
 
 
 def _article(word: str) -> str:
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_main(command: list[str]) -> int:
     """Run one `prefix-serve train` command line in this process."""
-    from engine import train
+    from engine.training import train
 
     parser = argparse.ArgumentParser(prog="prefix-serve")
     train.add_parser(parser.add_subparsers())

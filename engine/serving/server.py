@@ -1,8 +1,8 @@
 """`prefix-serve serve`: an OpenAI-compatible HTTP server (aiohttp) in front of an engine process.
 
 The frontend parses and tokenizes requests, streams SSE, checks API keys and exports metrics; the EngineCore
-runs in its own process (`engine.engine_process`), reached through `engine.async_engine`. A prefix is chosen by
-putting its name in `model`, as vLLM does for LoRA adapters. docs/server.md describes the API.
+runs in its own process (`engine.serving.engine_process`), reached through `engine.serving.async_engine`. A
+prefix is chosen by putting its name in `model`, as vLLM does for LoRA adapters. docs/server.md describes the API.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine import protocol
-from engine.async_engine import raise_for
 from engine.errors import InvalidConfigError, PrefixServeError, PromptTooLongError
-from engine.metrics import RequestTimer
+from engine.model_loader import DEMO_PREFIX_DIR
+from engine.serving import protocol
+from engine.serving.async_engine import raise_for
+from engine.serving.metrics import RequestTimer
 
 logger = logging.getLogger("prefix_serve.server")
 
-DEMO_PREFIX_DIR = Path(__file__).resolve().parent / "demo_prefixes"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -460,7 +460,7 @@ def _engine_config(args, prefix_dirs: list[str]):
 
 
 def run(args) -> int:
-    from engine.engine_process import EngineProcessOptions
+    from engine.serving.engine_process import EngineProcessOptions
     from engine.model_loader import EMBEDDED_MODEL_NAME
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -518,8 +518,8 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
     """Start the engine process, then the HTTP server; run until SIGINT/SIGTERM or until the engine dies."""
     from prometheus_client import disable_created_metrics
 
-    from engine.async_engine import EngineStartupError
-    from engine.metrics import ServerMetrics
+    from engine.serving.async_engine import EngineStartupError
+    from engine.serving.metrics import ServerMetrics
 
     try:
         client, info, tokenizer = await _start_engine(config, options)
@@ -554,7 +554,7 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
 
 async def _start_engine(config, options):
     """Spawn the engine process and load the frontend's tokenizers; returns (client, ready info, tokenizer)."""
-    from engine.async_engine import AsyncEngineClient
+    from engine.serving.async_engine import AsyncEngineClient
 
     print(f"prefix-serve: starting the engine process for {config.model or 'the embedded SmolLM2-135M-Instruct'} "
           f"on {config.device} ...", flush=True)
@@ -580,7 +580,7 @@ async def _start_engine(config, options):
     return client, info, tokenizer
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.server [MODEL] [options]`: the `serve` subcommand on its own."""
+    """`python -m engine.serving.server [MODEL] [options]`: the `serve` subcommand on its own."""
     parser = argparse.ArgumentParser(prog="prefix-serve")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.engine_process import EngineProcessOptions, pack, run_engine_process, unpack
 from engine.errors import InvalidPromptError, PrefixServeError
 from engine.sampling_params import SamplingParams
+from engine.serving.engine_process import EngineProcessOptions, pack, run_engine_process, unpack
 
 logger = logging.getLogger("prefix_serve.async_engine")
 

@@ -12,7 +12,8 @@ import json
 import textwrap
 from pathlib import Path
 
-DEMO_PREFIX_DIR = Path(__file__).parent / "demo_prefixes"
+from engine.model_loader import DEMO_PREFIX_DIR
+
 FALLBACK_PROMPTS = ["Tell me about the sea in one sentence.", "What is the capital of France?"]
 
 

@@ -1,6 +1,6 @@
 """OpenAI request parsing and response shaping: JSON bodies in, SamplingParams and prompts out, and back.
 
-Pure functions, no I/O: `engine.server` calls them. Errors a client can cause raise a named PrefixServeError
+Pure functions, no I/O: `engine.serving.server` calls them. Errors a client can cause raise a named PrefixServeError
 whose `http_status` becomes the response status; `error_body` renders any of them as OpenAI's error JSON.
 
 Extensions beyond OpenAI's fields, as in vLLM: `top_k`, `ignore_eos`, `stop_token_ids` (sampling), and
