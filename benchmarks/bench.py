@@ -215,7 +215,8 @@ def _ours_scaling(task: dict) -> dict:
 def _spec_and_path(model: str | None):
     from transformers import AutoConfig
 
-    from engine.model_loader import ModelSpec, resolve_model_path
+    from engine.model_loader import resolve_model_path
+    from engine.model_spec import ModelSpec
 
     path = resolve_model_path(model)
     return ModelSpec.from_config(AutoConfig.from_pretrained(path)), path

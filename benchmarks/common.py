@@ -18,6 +18,8 @@ def write_random_prefix(out_dir: Path, spec, num_virtual_tokens: int, seed: int,
     from peft import PrefixTuningConfig
     from safetensors.torch import save_file
 
+    from engine.peft_format import ADAPTER_WEIGHTS, TENSOR_NAME, prefix_tensor_shape
+
     out_dir.mkdir(parents=True, exist_ok=True)
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
                                 num_layers=spec.num_layers, num_attention_heads=spec.num_kv_heads,
@@ -25,9 +27,9 @@ def write_random_prefix(out_dir: Path, spec, num_virtual_tokens: int, seed: int,
                                 inference_mode=True)
     config.save_pretrained(str(out_dir))
     generator = torch.Generator().manual_seed(seed)
-    width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
-    tensor = torch.randn(num_virtual_tokens, width, generator=generator) * 0.5
-    save_file({"prompt_embeddings": tensor}, str(out_dir / "adapter_model.safetensors"))
+    shape = prefix_tensor_shape(num_virtual_tokens, spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    tensor = torch.randn(*shape, generator=generator) * 0.5
+    save_file({TENSOR_NAME: tensor}, str(out_dir / ADAPTER_WEIGHTS))
     return out_dir
 
 
@@ -45,7 +47,7 @@ def tiny_model_and_prefixes(tmp: Path, count: int) -> tuple[Path, list[Path]]:
     nothing) and `count` random P=16 prefixes for it."""
     from transformers import AutoConfig
 
-    from engine.model_loader import ModelSpec
+    from engine.model_spec import ModelSpec
 
     model_dir = tmp / "model"
     _tiny_llama(model_dir)

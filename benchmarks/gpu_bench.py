@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.gpu_parity import failure_reason
+from engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def part_setup(args, work: Workload) -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from benchmarks.common import write_random_prefix
-    from engine.model_loader import ModelSpec
+    from engine.model_spec import ModelSpec
 
     results = Results(args.out, part="setup", workload=asdict(work))
     try:
@@ -315,12 +316,11 @@ def part_ours(args, work: Workload) -> int:
         except Exception as exc:  # noqa: BLE001 - informational only
             print(f"read bandwidth not measured: {failure_reason(exc)}")
 
-    if args.fused_layers:
-        os.environ["PREFIX_SERVE_FUSED_LAYERS"] = args.fused_layers
     start = time.perf_counter()
     llm = LLM(model=str(model_dir), device=device, dtype=_dtype(device), skip_tokenizer_init=True, block_size=16,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              num_kv_blocks=None if device.startswith("cuda") else 4096, decode_steps=args.decode_steps)
+              num_kv_blocks=None if device.startswith("cuda") else 4096, decode_steps=args.decode_steps,
+              fused_layers=args.fused_layers)
     results.put("decode_steps", llm.engine.scheduler.config.decode_steps)
     results.put("engine", _engine_info(llm, start))
     print(f"  engine up: {results.data['engine']}", flush=True)
@@ -754,8 +754,8 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=None,
                         help="ours: the engine's decode_steps (default: the engine's own, 16 on CUDA)")
-    parser.add_argument("--fused-layers", choices=["auto", "on", "off"], default=None,
-                        help="ours: PREFIX_SERVE_FUSED_LAYERS (default: the environment's, else auto: on for CUDA)")
+    parser.add_argument("--fused-layers", choices=["auto", "on", "off"], default=EngineConfig.fused_layers,
+                        help="ours: the engine's fused_layers (default: %(default)s, on for CUDA)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="ours: skip the kernel profile of one decode step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)

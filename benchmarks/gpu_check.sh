@@ -18,7 +18,7 @@
 #   5. peft      PEFT generate, one prefix, batch 256                                      21 s
 #   6. cb        transformers generate_batch, 512 requests, no prefix                     35 s
 #   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  18 s
-#   8. ours_plain  decode_steps=1 and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off): the engine of the
+#   8. ours_plain  decode_steps=1 and Hugging Face's layers (--fused-layers off): the engine of the
 #                earlier runs, for the fused layers' gain; with its own kernel profile       21 s
 #   9. ours512   ours again with max_num_seqs=512                                          18 s
 #  10. ours8     ours with decode runs of up to 8 forwards (the default is 16)             20 s

@@ -8,9 +8,9 @@ tolerances; one fp16 and one fp32 case), checks only, no timing.
 engine: greedy outputs of the engine on random-weight Llama and Qwen2 models with mixed prefixes (P = 5, 8 with
 a projection, 16, and no prefix), against the referee of DESIGN section 1: PeftModel.forward over the whole
 sequence at every step, argmax. fp32 with TF32 off, so the comparison is token for token. Each model runs four
-times: with the fused decoder layers (the CUDA default), eager (PREFIX_SERVE_CUDA_GRAPHS=off) and with CUDA-graph
-decode (=on), one forward per engine step; then with graphs and decode runs of up to 8 forwards (tokens fed back
-on the device); last with graphs and Hugging Face's layers (PREFIX_SERVE_FUSED_LAYERS=off). One prompt is long
+times: with the fused decoder layers (the CUDA default), eager (cuda_graphs="off") and with CUDA-graph decode
+("on"), one forward per engine step; then with graphs and decode runs of up to 8 forwards (tokens fed back on
+the device); last with graphs and Hugging Face's layers (fused_layers="off"). One prompt is long
 enough (530 tokens) for the long-context decode tiles. A mismatch reports the referee's top-1 / top-2 logit gap
 where the outputs part, so a near-tie can be told from a bug.
 
@@ -158,13 +158,11 @@ def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str
                     decode_steps: int = 1, fused: str = "auto") -> dict:
     from engine import LLM, SamplingParams
 
-    os.environ["PREFIX_SERVE_CUDA_GRAPHS"] = graphs
-    os.environ["PREFIX_SERVE_FUSED_LAYERS"] = fused
     start = time.perf_counter()
     # a 256-token budget chunks the long prompt over three steps, mixed with the others' decodes (eager steps)
     llm = LLM(model=str(zoo["model"]), device=device, dtype="float32", skip_tokenizer_init=True, block_size=16,
               num_kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=256, attention_backend=backend,
-              decode_steps=decode_steps)
+              decode_steps=decode_steps, cuda_graphs=graphs, fused_layers=fused)
     init_s = time.perf_counter() - start
     try:
         for name, path in zoo["adapters"].items():

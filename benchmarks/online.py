@@ -89,7 +89,8 @@ def main(argv=None) -> int:
 
     from transformers import AutoConfig
 
-    from engine.model_loader import ModelSpec, resolve_model_path
+    from engine.model_loader import resolve_model_path
+    from engine.model_spec import ModelSpec
 
     path = resolve_model_path(args.model)
     spec = ModelSpec.from_config(AutoConfig.from_pretrained(path))

@@ -1,7 +1,8 @@
 """prefix-serve: serve many PEFT prefix-tuned tasks on one frozen LLM.
 
 Public API: LLM, SamplingParams, RequestOutput, CompletionOutput and the named errors. Names are resolved
-lazily, so that importing a submodule (as workers do) does not pull in the whole engine.
+on first use, so that importing one module of the package (a contract type such as `engine.errors`, as workers
+do) does not import torch, transformers and the engine core with it.
 """
 
 import importlib
@@ -12,7 +13,7 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     **{name: "engine.errors" for name in (
-        "PrefixServeError", "AdapterMismatchError", "InvalidAdapterError", "InvalidPromptError",
+        "PrefixServeError", "AdapterMismatchError", "InvalidAdapterError", "InvalidConfigError", "InvalidPromptError",
         "InvalidSamplingParamsError", "PrefixLoadError", "PrefixPathError", "PromptTooLongError",
         "UnknownPrefixError", "UnsupportedModelError")},
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.errors import InvalidConfigError
@@ -15,6 +16,15 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _batch_sizes(sizes) -> tuple[int, ...]:
+    """`sizes` (any iterable of integers of at least 1) as a sorted tuple of distinct ints, or InvalidConfigError."""
+    items = None if isinstance(sizes, (str, bytes)) else list(sizes) if isinstance(sizes, Iterable) else None
+    if not items or not all(_is_int(size) and size >= 1 for size in items):
+        raise _bad("cuda_graph_sizes", f"must be a non-empty list of integers of at least 1 (or None: the default "
+                                       f"sizes), got {sizes!r}.")
+    return tuple(sorted({int(size) for size in items}))
 
 
 def _bad(field: str, message: str) -> InvalidConfigError:
@@ -46,31 +56,63 @@ class EngineConfig:
     # running sequence samples with a seed (scheduler/scheduler.py). None: 16 on GPUs, where it hides the host's
     # per-step work (docs/gpu.md has the measurements); 1 on CPU
     decode_steps: int | None = None
+    # pure-decode steps replayed as CUDA graphs (workers/cuda_graphs.py). "auto": on CUDA devices; "on": also on a
+    # CPU, where a stand-in re-runs the captured function (for tests); "off": every step eager
+    cuda_graphs: str = "auto"
+    # the batch sizes captured, one graph each; a batch runs as the smallest size that holds it.
+    # None: workers.cuda_graphs.DEFAULT_BATCH_SIZES (1, 2, 4, ..., 512)
+    cuda_graph_sizes: tuple[int, ...] | None = None
+    cuda_graph_memory_mb: float = 1024  # no further size is captured once the graphs hold this much device memory
+    # the fused forward of Llama-family layers (workers/fused_decoder.py). "auto": on CUDA devices; "on": also on
+    # a CPU, with the torch ops (for tests); "off": Hugging Face's forward
+    fused_layers: str = "auto"
 
     def __post_init__(self):
         """Every setting is checked here, so a bad one fails at once with a message, not later in a worker
         (a max_num_batched_tokens of 0, for one, would schedule nothing and hang every request)."""
-        for name, optional in (("block_size", False), ("max_num_seqs", False), ("max_num_batched_tokens", False),
-                               ("num_kv_blocks", True), ("max_model_len", True), ("decode_steps", True)):
-            value = getattr(self, name)
-            if (value is not None or not optional) and not (_is_int(value) and value >= 1):
-                raise _bad(name, f"must be an integer of at least 1{' (or None)' if optional else ''}, got {value!r}.")
-        size = self.host_prefix_cache_size
-        if size is not None and not (_is_int(size) and size >= 0):
-            raise _bad("host_prefix_cache_size", f"must be an integer of at least 0 (or None), got {size!r}.")
-        if not (_is_real(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
-            raise _bad("gpu_memory_utilization", f"must be a number in (0, 1], got {self.gpu_memory_utilization!r}.")
-        if not (_is_real(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0):
-            raise _bad("cpu_kv_cache_gb", f"must be a finite number above 0, got {self.cpu_kv_cache_gb!r}.")
+        self._check_numbers()
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise _bad("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.executor not in ("inprocess", "ray"):
             raise _bad("executor", f"must be 'inprocess' or 'ray', got {self.executor!r}.")
+        for name in ("cuda_graphs", "fused_layers"):
+            mode = getattr(self, name)
+            if not (isinstance(mode, str) and mode in ("auto", "on", "off")):
+                raise _bad(name, f"must be auto (on CUDA devices only), on or off, got {mode!r}.")
         if self.attention_backend is not None:
             from workers.attention import available_backends
 
             if self.attention_backend not in available_backends():
                 raise _bad("attention_backend", f"{self.attention_backend!r} is not one of {available_backends()}.")
+
+    def _check_numbers(self) -> None:
+        """Checks the numeric settings and stores them as plain int and float: a numpy integer would reach the
+        workers' msgpack messages (a chunk size, a decode run's length), which refuse it."""
+        for name, least, optional in (("block_size", 1, False), ("max_num_seqs", 1, False),
+                                      ("max_num_batched_tokens", 1, False), ("num_kv_blocks", 1, True),
+                                      ("max_model_len", 1, True), ("decode_steps", 1, True),
+                                      ("host_prefix_cache_size", 0, True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not (_is_int(value) and value >= least):
+                raise _bad(name, f"must be an integer of at least {least}{' (or None)' if optional else ''}, "
+                                 f"got {value!r}.")
+            self._store(name, int(value))
+        if not (_is_real(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
+            raise _bad("gpu_memory_utilization", f"must be a number in (0, 1], got {self.gpu_memory_utilization!r}.")
+        if not (_is_real(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0):
+            raise _bad("cpu_kv_cache_gb", f"must be a finite number above 0, got {self.cpu_kv_cache_gb!r}.")
+        if not (_is_real(self.cuda_graph_memory_mb) and self.cuda_graph_memory_mb >= 0):
+            raise _bad("cuda_graph_memory_mb", "must be a finite number of at least 0 (0 captures no graph), "
+                                               f"got {self.cuda_graph_memory_mb!r}.")
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_gb", "cuda_graph_memory_mb"):
+            self._store(name, float(getattr(self, name)))
+        if self.cuda_graph_sizes is not None:
+            self._store("cuda_graph_sizes", _batch_sizes(self.cuda_graph_sizes))
+
+    def _store(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # the dataclass is frozen; only __post_init__ normalizes
 
     def resolved_decode_steps(self) -> int:
         if self.decode_steps is not None:

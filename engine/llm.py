@@ -15,13 +15,12 @@ PromptType = str | dict
 
 
 class LLM:
-    def __init__(self, model: str | None = None, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 executor: str = "inprocess", skip_tokenizer_init: bool = False, **kwargs):
-        self.config = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
-                                   num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, executor=executor,
-                                   skip_tokenizer_init=skip_tokenizer_init, **kwargs)
+    def __init__(self, model: str | None = None, **settings):
+        """`model`: a Hugging Face model directory; None serves the embedded SmolLM2-135M-Instruct. `settings`: any
+        other field of `EngineConfig` (engine/config.py) by keyword, such as device="cuda" or block_size=16; each
+        one left out takes that field's default, which is written only there. A bad value raises
+        InvalidConfigError naming the setting."""
+        self.config = EngineConfig(model=model, **settings)
         self.engine = EngineCore(self.config)
         self.engine.emit_unfinished = False  # generate() only reads finished outputs
         self._ids = itertools.count()

@@ -1,6 +1,7 @@
-"""EngineCore: owns the scheduler, the prefix registry and the executor, and turns steps into outputs.
+"""EngineCore: owns the scheduler, the prefixes and the executor, and turns steps into outputs.
 
-A step reads: schedule -> execute on the workers -> update sequences and emit outputs.
+A step reads: schedule -> execute on the workers -> update sequences and emit outputs. Prefix registrations
+live in `PrefixLifecycle`, stop checks and output building in `OutputProcessor`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.errors import InvalidPromptError, InvalidSamplingParamsError, PrefixServeError, PromptTooLongError
-from engine.model_loader import ModelSpec, resolve_model_path
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.model_loader import resolve_model_path
+from engine.model_spec import ModelSpec
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.prefix_lifecycle import PrefixLifecycle
 from engine.prefix_registry import PrefixRegistry
 from engine.sampling_params import SamplingParams
+from engine.step_messages import (PrefixLoad, SamplingSettings, ScheduledSequence, SequenceState, StepMessage,
+                                  StepResult, fork_children)
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request, Sequence, SequenceStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from workers import messages
 from workers.executor import make_executor
 from workers.worker import WorkerConfig
 
@@ -58,89 +63,68 @@ class EngineCore:
         worker_config = WorkerConfig(
             model_path=self.model_path, device=config.device, dtype=config.resolved_dtype(),
             block_size=config.block_size, num_blocks=config.num_kv_blocks,
-            attention_backend=config.attention_backend,
-            host_prefix_cache_size=config.resolved_host_prefix_cache_size(),
+            attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
+            cuda_graph_sizes=config.cuda_graph_sizes, cuda_graph_memory_mb=config.cuda_graph_memory_mb,
+            fused_layers=config.fused_layers, host_prefix_cache_size=config.resolved_host_prefix_cache_size(),
             cpu_kv_cache_bytes=int(config.cpu_kv_cache_gb * (1 << 30)),
             gpu_memory_utilization=config.gpu_memory_utilization)
         self.executor = make_executor(config.executor, worker_config, self.spec)
-        self.attention_backend = self.executor.attention_backend
-        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
-        # A sequence must fit the model's positions and, alone, the KV cache (one block spare for copy-on-write).
-        cache_tokens = (self.executor.num_blocks - 1) * config.block_size
-        self.max_model_len = min(self.spec.max_model_len, config.max_model_len or cache_tokens, cache_tokens)
-        if (config.max_model_len or 0) > self.max_model_len:
-            if self.max_model_len == cache_tokens:
-                reason = f"the KV cache holds {cache_tokens} tokens"
-            elif self.max_model_len == self.spec.sliding_window:
-                reason = (f"the model attends through a sliding window of {self.spec.sliding_window} tokens, "
-                          "served only up to its length")
-            else:
-                reason = "the model has no more positions"
-            logger.warning("max_model_len %d is capped at %d: %s.", config.max_model_len, self.max_model_len, reason)
+        num_blocks = self.executor.info.num_blocks
+        self.attention_backend = self.executor.info.attention_backend
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.max_model_len = self._max_model_len(num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.resolved_decode_steps(), self.max_model_len),
                                    self.block_manager)
-        self.eos_token_ids = set(self.spec.eos_token_ids)
+        self.prefixes = PrefixLifecycle(self.registry, self.block_manager)
+        eos_token_ids = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+            eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.outputs = OutputProcessor(self.tokenizer, eos_token_ids, self.max_model_len, self.scheduler.finish)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
-        self._prefix_keys: dict[str, str] = {}  # prefix name -> cache key of its current registration
-        self._prefix_paths: dict[str, str] = {}  # cache key -> adapter path (kept while its blocks may be resident)
-        self._registrations = itertools.count()
-        self._retired: set[str] = set()  # keys of unloaded prefixes whose blocks may still be in use
-        self._key_requests: dict[str, int] = {}  # cache key -> unfinished requests on it (running or waiting)
         self._stream: set[str] = set()  # requests that want text after every step
         # step() reports every request that changed; offline callers that only read finished outputs turn
         # this off and skip building an output per running request per step
         self.emit_unfinished = True
 
-    # ---- prefixes -------------------------------------------------------------------------------------------
+    def _max_model_len(self, num_blocks: int) -> int:
+        """A sequence must fit the model's positions and, alone, the KV cache (one block spare for copy-on-write)."""
+        config = self.config
+        cache_tokens = (num_blocks - 1) * config.block_size
+        max_model_len = min(self.spec.max_model_len, config.max_model_len or cache_tokens, cache_tokens)
+        if (config.max_model_len or 0) > max_model_len:
+            if max_model_len == cache_tokens:
+                reason = f"the KV cache holds {cache_tokens} tokens"
+            elif max_model_len == self.spec.sliding_window:
+                reason = (f"the model attends through a sliding window of {self.spec.sliding_window} tokens, "
+                          "served only up to its length")
+            else:
+                reason = "the model has no more positions"
+            logger.warning("max_model_len %d is capped at %d: %s.", config.max_model_len, max_model_len, reason)
+        return max_model_len
+
+    # ---- prefixes (see PrefixLifecycle) ---------------------------------------------------------------------
     def load_prefix(self, name: str, path: str, check_path: bool = False) -> None:
-        """Register a PEFT prefix adapter (config and tensor header checked now; its data is read when a request
-        first needs it). A failed check raises and changes nothing."""
-        if check_path:
-            self.registry.check_path_allowed(path)
-        info = self.registry.register(name, path, check_tensor=True)  # on failure the old registration stays
-        self._retire_prefix(name)
-        key = f"{name}#{next(self._registrations)}"
-        self._prefix_keys[name] = key
-        self._prefix_paths[key] = info.path
+        self.prefixes.load(name, path, check_path)
+        self._send_forgotten()
 
     def register_prefix_dir(self, root: str) -> list[str]:
-        """Register every adapter subdirectory of `root` lazily (config only; tensors on first use)."""
-        names = self.registry.register_dir(root)
-        for name in names:
-            self._retire_prefix(name)
-            key = f"{name}#{next(self._registrations)}"
-            self._prefix_keys[name] = key
-            self._prefix_paths[key] = self.registry.get(name).path
+        names = self.prefixes.register_dir(root)
+        self._send_forgotten()
         return names
 
     def unload_prefix(self, name: str) -> None:
-        """New requests can no longer use it; running ones finish on its blocks, which are freed after them."""
-        self.registry.unregister(name)
-        self._retire_prefix(name)
+        self.prefixes.unload(name)
+        self._send_forgotten()
 
-    def _retire_prefix(self, name: str) -> None:
-        key = self._prefix_keys.pop(name, None)
-        if key is not None:
-            self._retired.add(key)
-            self._evict_retired()
-
-    def _evict_retired(self) -> None:
-        """Free the blocks of unloaded or replaced prefixes once no unfinished request needs them. A request
-        accepted before the unload still runs on the old registration, even if it waits or was preempted (it
-        may have to load the prefix again, from the old path)."""
-        for key in list(self._retired):
-            if self._key_requests.get(key):
-                continue
-            self.block_manager.evict_prefix(key)
-            if not self.block_manager.is_resident(key):
-                self._retired.discard(key)
-                del self._prefix_paths[key]
-                self.executor.forget_prefix(key)
+    def _send_forgotten(self) -> None:
+        """Tell the workers now, not with the next step, to drop the host copies of retired registrations: an
+        idle server may not step again for a long time."""
+        forget = self.prefixes.take_forgotten()
+        if forget:
+            self.executor.execute(StepMessage(forget_prefixes=forget))
 
     def prefix_names(self) -> list[str]:
         return self.registry.names()
@@ -170,8 +154,7 @@ class EngineCore:
             raise InvalidPromptError(f"Prompt token ids must be integers in [0, {self.spec.vocab_size}).")
         num_prefix_tokens, key = 0, None
         if prefix is not None:
-            num_prefix_tokens = self.registry.ensure_tensor_ok(prefix).num_virtual_tokens
-            key = self._prefix_keys[prefix]
+            key, num_prefix_tokens = self.prefixes.resolve(prefix)
         total = num_prefix_tokens + len(prompt_token_ids)
         if total + 1 > self.max_model_len:
             raise PromptTooLongError(
@@ -183,7 +166,7 @@ class EngineCore:
         request.sequences.append(seq)
         self.requests[request_id] = request
         if key is not None:
-            self._key_requests[key] = self._key_requests.get(key, 0) + 1
+            self.prefixes.hold(key)
         if stream:
             self._stream.add(request_id)
         self.scheduler.add(seq)
@@ -202,13 +185,8 @@ class EngineCore:
             return  # already gone
         self._stream.discard(request.request_id)
         self._count_finished(request)
-        key = request.prefix
-        if key is not None:
-            self._key_requests[key] -= 1
-            if not self._key_requests[key]:
-                del self._key_requests[key]
-        if self._retired:
-            self._evict_retired()
+        if request.prefix is not None:
+            self.prefixes.release(request.prefix)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -223,13 +201,38 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule -> execute -> update. Returns outputs of requests that changed."""
         scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled and not scheduled.dropped_seq_ids:
+        message = self._step_message(scheduled)
+        if message is None:
             return []
-        result = messages.unpack(self.executor.execute(self._step_message(scheduled)))
-        if not scheduled.scheduled:  # only sequences to forget (e.g. aborted while nothing else runs)
+        result = self.executor.execute(message)
+        if not scheduled.scheduled:  # only sequences or prefixes to forget
             return []
-        failed = self._fail_prefix_loads(scheduled, result["failed_loads"]) if result.get("failed_loads") else []
+        failed = self._fail_prefix_loads(scheduled, result.failed_loads) if result.failed_loads else []
         return failed + self._update(scheduled, result)
+
+    def _step_message(self, out: SchedulerOutput) -> StepMessage | None:
+        """What the workers need for this step: only what changed (None when nothing did)."""
+        forget = self.prefixes.take_forgotten()
+        if not (out.scheduled or out.dropped_seq_ids or forget):
+            return None
+        tables = self.block_manager.tables
+        seqs = []
+        for item in out.scheduled:
+            seq = item.seq
+            entry = ScheduledSequence(seq.seq_id, item.num_tokens)
+            if item.is_new:
+                entry.state = SequenceState(
+                    seq.token_ids, len(seq.request.prompt_token_ids), seq.num_prefix_tokens, seq.num_computed_tokens,
+                    tables[seq.seq_id], SamplingSettings.of(seq.request.params), seq.sample_index,
+                    seq.fork_ids if seq.needs_fork else [], seq.request.prefix)
+            elif item.table_from < len(tables[seq.seq_id]):
+                entry.table_from, entry.table_tail = item.table_from, tables[seq.seq_id][item.table_from:]
+            if item.num_steps != out.num_steps:
+                entry.num_steps = item.num_steps  # leaves the run after its first num_steps forwards
+            seqs.append(entry)
+        loads = [PrefixLoad(e.name, self.prefixes.path(e.name), e.block_ids, e.num_tokens) for e in out.prefix_loads]
+        return StepMessage(seqs, out.dropped_seq_ids, loads, [[c.src, c.dst] for c in out.copies], out.num_steps,
+                           forget)
 
     def _fail_prefix_loads(self, out: SchedulerOutput, failed: dict[str, str]) -> list[RequestOutput]:
         """Fail the requests whose prefix the worker could not materialize (it left their sequences out), and
@@ -237,7 +240,7 @@ class EngineCore:
         now = time.monotonic()
         outputs = []
         for key, reason in failed.items():
-            path = self._prefix_paths.get(key)  # read first: the last request's end may retire the key
+            path = self.prefixes.path(key)  # read first: the last request's end may retire the key
             logger.error("prefix %s (%s) could not be materialized: %s", key, path, reason)
             for item in out.scheduled:
                 request = item.seq.request
@@ -250,30 +253,7 @@ class EngineCore:
             self.block_manager.evict_prefix(key)  # no sequence holds it any more
         return outputs
 
-    def _step_message(self, out: SchedulerOutput) -> bytes:
-        loads = [{"name": e.name, "path": self._prefix_paths[e.name], "blocks": e.block_ids,
-                  "num_tokens": e.num_tokens} for e in out.prefix_loads]
-        seqs = []
-        for item in out.scheduled:
-            seq = item.seq
-            entry = {"id": seq.seq_id, "n": item.num_tokens}
-            if item.is_new:
-                entry.update(new=1, tokens=seq.token_ids, prompt_len=len(seq.request.prompt_token_ids),
-                             prefix_len=seq.num_prefix_tokens, computed=seq.num_computed_tokens,
-                             table=self.block_manager.tables[seq.seq_id], sampling=seq.request.params.to_wire(),
-                             index=seq.sample_index, fork_ids=seq.fork_ids if seq.needs_fork else [],
-                             prefix=seq.request.prefix)
-            elif item.table_from < len(self.block_manager.tables[seq.seq_id]):
-                entry.update(table_from=item.table_from,
-                             table_tail=self.block_manager.tables[seq.seq_id][item.table_from:])
-            if item.num_steps != out.num_steps:
-                entry["k"] = item.num_steps  # leaves the run after its first k forwards
-            seqs.append(entry)
-        return messages.pack({"drop": out.dropped_seq_ids, "prefix_loads": loads,
-                              "copies": [[c.src, c.dst] for c in out.copies], "seqs": seqs,
-                              "steps": out.num_steps})
-
-    def _update(self, out: SchedulerOutput, result: dict) -> list[RequestOutput]:
+    def _update(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.monotonic()
         stats = self.stats
         stats.steps += 1
@@ -281,7 +261,7 @@ class EngineCore:
             stats.decode_run_steps += out.num_steps
         stats.preemptions += out.num_preempted
         stats.prefix_loads += len(out.prefix_loads)
-        stats.prefix_load_seconds.extend(result.get("load_seconds", ()))
+        stats.prefix_load_seconds.extend(result.load_seconds)
         admitted_on_prefix = 0
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_tokens * item.num_steps
@@ -291,7 +271,7 @@ class EngineCore:
         stats.prefix_hits += admitted_on_prefix - len(out.prefix_loads)
         by_id = {item.seq.seq_id: item.seq for item in out.scheduled}
         changed: dict[str, Request] = {}
-        for seq_id, tokens in result["sampled"]:
+        for seq_id, tokens in result.sampled:
             seq = by_id[seq_id]
             if seq.status is SequenceStatus.FINISHED:  # its request failed this step (_fail_prefix_loads)
                 continue
@@ -299,24 +279,23 @@ class EngineCore:
             if request.first_token_time is None:
                 request.first_token_time = now
                 stats.prompt_tokens += len(request.prompt_token_ids)
-            if out.num_steps > 1:  # a decode run: one token per step, the ones after a stop are discarded
-                stopped = self._take_run(seq, tokens)
+            if out.num_steps > 1:  # a decode run: one token per forward, the ones after a stop are discarded
+                kept, stopped = self.outputs.append_run(seq, tokens)
+                stats.generation_tokens += kept
             else:  # one step: the first token, and at a forking prompt's end one more per forked sample
-                new_seqs = [seq]
-                if seq.needs_fork:
-                    new_seqs += self._fork(seq, tokens[1:])
+                new_seqs = [seq, *self._fork(seq, tokens[1:])] if seq.needs_fork else [seq]
                 seq.token_ids.append(tokens[0])
+                stats.generation_tokens += len(new_seqs)
                 stopped = False
                 for s in new_seqs:
-                    stats.generation_tokens += 1
-                    stopped |= self._check_stop(s)
+                    stopped |= self.outputs.check_stop(s)
             if self.emit_unfinished or (stopped and request.finished) or request.request_id in self._stream:
                 changed[request.request_id] = request
         return [self._output(r, now) for r in changed.values()]
 
     def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         children = []
-        for offset, (child_id, token) in enumerate(zip(parent.fork_ids, first_tokens), start=1):
+        for child_id, offset, token in fork_children(parent.fork_ids, first_tokens):
             child = Sequence(child_id, parent.request, parent.token_ids + [token], sample_index=offset,
                              num_computed_tokens=parent.num_computed_tokens)
             self.scheduler.add_running_fork(parent, child)
@@ -325,83 +304,10 @@ class EngineCore:
         parent.needs_fork = False
         return children
 
-    def _take_run(self, seq: Sequence, tokens: list[int]) -> bool:
-        """Append a decode run's tokens up to and including the first that stops the sequence; whether one did.
-
-        A run never passes `max_tokens` or the context limit (the scheduler sees to it), so without stop strings
-        only a stop token or EOS can end it early, and one `_check_stop` on the last kept token decides."""
-        params = seq.request.params
-        if params.stop_strings and self.tokenizer is not None:  # text may match at any token: check each
-            for token in tokens:
-                seq.token_ids.append(token)
-                self.stats.generation_tokens += 1
-                if self._check_stop(seq):
-                    return True
-            return False
-        stops = params.stop_token_ids if params.ignore_eos else [*params.stop_token_ids, *self.eos_token_ids]
-        kept = len(tokens)
-        if stops:
-            kept = next((i for i, token in enumerate(tokens, start=1) if token in stops), kept)
-        seq.token_ids.extend(tokens[:kept])
-        self.stats.generation_tokens += kept
-        return self._check_stop(seq)
-
-    def _check_stop(self, seq: Sequence) -> bool:
-        """Finish the sequence if its newest token ends it; returns whether it did."""
-        params = seq.request.params
-        token = seq.token_ids[-1]
-        reason, stop_reason = None, None
-        if token in params.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif not params.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"
-        elif params.stop_strings and self.tokenizer is not None:
-            reason, stop_reason = self._find_stop_string(seq)
-        if reason is None:
-            num_tokens = len(seq.token_ids)
-            if (num_tokens - len(seq.request.prompt_token_ids) >= params.max_tokens
-                    or num_tokens + seq.request.num_prefix_tokens >= self.max_model_len):
-                reason = "length"
-            else:
-                return False
-        seq.stop_reason = stop_reason
-        self.scheduler.finish(seq, reason)
-        if not isinstance(stop_reason, str):
-            seq.output_text = self._decode(seq)
-        return True
-
-    def _find_stop_string(self, seq: Sequence) -> tuple[str | None, str | None]:
-        """Look for a stop string near the end of the output; decode all of it only when one may be there."""
-        stops = seq.request.params.stop_strings
-        window = max(map(len, stops)) + 4  # every token decodes to at least one character, mostly
-        tail = self.tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=True)
-        if not any(stop in tail for stop in stops):
-            return None, None
-        text = self._decode(seq)
-        hits = [(text.find(stop), stop) for stop in stops if stop in text]
-        cut, stop = min(hits)
-        seq.output_text = text[:cut]
-        return "stop", stop
-
-    def _decode(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-
     def _output(self, request: Request, now: float) -> RequestOutput:
-        finished = request.finished
-        want_text = finished or request.request_id in self._stream
-        completions = []
-        for seq in sorted(request.sequences, key=lambda s: s.sample_index):
-            text = seq.output_text if seq.status is SequenceStatus.FINISHED else (
-                self._decode(seq) if want_text else "")
-            completions.append(CompletionOutput(seq.sample_index, text, list(seq.output_token_ids),
-                                                seq.finish_reason, seq.stop_reason))
-        output = RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, finished,
-                               prefix=request.prefix_name,
-                               metrics={"arrival_time": request.arrival_time,
-                                        "first_token_time": request.first_token_time, "now": now})
-        if finished:
+        output = self.outputs.make_output(request, now,
+                                          want_text=request.finished or request.request_id in self._stream)
+        if output.finished:
             self._forget(request)
         return output
 

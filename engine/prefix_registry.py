@@ -12,11 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import AdapterMismatchError, InvalidAdapterError, PrefixPathError, UnknownPrefixError
-from engine.model_loader import ModelSpec
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TENSOR_NAME = "prompt_embeddings"
+from engine.model_spec import ModelSpec
+from engine.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TENSOR_NAME, prefix_tensor_shape
 
 
 @dataclass
@@ -147,7 +144,7 @@ def check_adapter_tensor(path: str, spec: ModelSpec, num_virtual_tokens: int) ->
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise InvalidAdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
-    want = [num_virtual_tokens, spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim]
+    want = prefix_tensor_shape(num_virtual_tokens, spec.num_layers, spec.num_kv_heads, spec.head_dim)
     if shape != want:
         raise AdapterMismatchError(f"{weights}: {TENSOR_NAME} has shape {shape}, but num_virtual_tokens and the "
                                    f"base model need {want}.")

@@ -20,6 +20,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stop_strings: list[str] = field(init=False, repr=False)
+    # stop_token_ids as the engine checks each generated token against them: in O(1), however many there are
+    stop_token_id_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     # Below this, dividing logits by the temperature overflows fp32: such a request samples greedily, as in vLLM.
     MIN_TEMPERATURE = 1e-5
@@ -27,11 +29,13 @@ class SamplingParams:
     # every streamed token is checked against each stop string's possible starts: bound that work
     MAX_STOP_STRINGS = 256
     MAX_STOP_CHARS = 4096
+    MAX_STOP_TOKEN_IDS = 256  # each step checks every sample's new tokens against them (5 million slowed all 10x)
 
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        self.stop_token_id_set = frozenset(self.stop_token_ids)
 
     def _validate(self) -> None:
         def bad(msg: str) -> None:
@@ -67,6 +71,8 @@ class SamplingParams:
             longest = max(map(len, self.stop_strings))
             bad(f"stop takes at most {self.MAX_STOP_STRINGS} strings of at most {self.MAX_STOP_CHARS} characters "
                 f"each, got {len(self.stop_strings)} strings, the longest {longest} characters.")
+        if len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS:  # before the per-id check and its message
+            bad(f"stop_token_ids takes at most {self.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}.")
         if any(not is_int(t, 0) for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
 

@@ -103,6 +103,10 @@ class BlockManager:
         return name in self._prefixes
 
     # ---- raw blocks -----------------------------------------------------------------------------------------
+    def is_shared(self, block_id: int) -> bool:
+        """Whether more than one block table or prefix holds the block: then it is never written in place."""
+        return self.blocks[block_id].ref_count > 1
+
     def _take_block(self) -> int:
         while not self._free:
             if not self._lru:
@@ -172,7 +176,7 @@ class BlockManager:
         have = len(table) if table is not None else prefix_blocks
         need = max(0, self.blocks_for(num_computed + num_new) - have)
         first = num_computed // self.block_size
-        if table is not None and num_new > 0 and first < len(table) and self.blocks[table[first]].ref_count > 1:
+        if table is not None and num_new > 0 and first < len(table) and self.is_shared(table[first]):
             need += 1
         elif table is None and num_new > 0 and num_computed % self.block_size and first < prefix_blocks:
             need += 1  # a new sequence will copy the prefix's partly filled tail block
@@ -182,14 +186,14 @@ class BlockManager:
         """Whether the next token's slot is in a block this sequence alone holds (the common decode case)."""
         table = self.tables[seq_id]
         index = num_computed // self.block_size
-        return index < len(table) and self.blocks[table[index]].ref_count == 1
+        return index < len(table) and not self.is_shared(table[index])
 
     def append_slots(self, seq_id: int, num_computed: int, num_new: int) -> AppendResult:
         """Make room for tokens num_computed .. num_computed+num_new-1 of a sequence."""
         table = self.tables[seq_id]
         first = num_computed // self.block_size
         result = AppendResult(table_from=len(table))
-        if num_new > 0 and first < len(table) and self.blocks[table[first]].ref_count > 1:
+        if num_new > 0 and first < len(table) and self.is_shared(table[first]):
             result.copies.append(self._copy_on_write(table, first))
             result.table_from = first
         while len(table) < self.blocks_for(num_computed + num_new):

@@ -11,6 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.peft_format import stream_index
 from engine.sampling_params import SamplingParams
 
 
@@ -62,7 +63,7 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         """Length of the KV stream: prefix + prompt + output."""
-        return self.num_prefix_tokens + len(self.token_ids)
+        return stream_index(self.num_prefix_tokens, len(self.token_ids))
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -72,7 +73,8 @@ class Sequence:
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    def reset_for_recompute(self) -> None:
-        """After preemption: drop the cache; only the prefix counts as computed again."""
-        self.num_computed_tokens = self.num_prefix_tokens
+    def restart(self) -> None:
+        """Wait with nothing of its own in the cache (on arrival, or preempted to be recomputed): only the prefix
+        counts as computed."""
+        self.num_computed_tokens = stream_index(self.num_prefix_tokens, 0)
         self.status = SequenceStatus.WAITING

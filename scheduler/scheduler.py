@@ -65,7 +65,7 @@ class Scheduler:
 
     # ---- queue ----------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.num_computed_tokens = seq.num_prefix_tokens
+        seq.restart()
         self.waiting.append(seq)
 
     def add_running_fork(self, parent: Sequence, child: Sequence) -> None:
@@ -200,7 +200,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)
-        seq.reset_for_recompute()
+        seq.restart()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

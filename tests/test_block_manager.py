@@ -185,7 +185,7 @@ def test_worker_slots_of_a_token_range_follow_the_block_table():
     """The worker turns KV-stream indices into cache slots one block at a time (workers/worker.py)."""
     import random
 
-    from workers.worker import extend_slots
+    from workers.kv_cache import extend_slots
 
     rng = random.Random(0)
     for _ in range(500):

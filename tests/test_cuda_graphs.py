@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, bucket_for, field_stride, pack_decode_step
+from workers.cuda_graphs import (DEFAULT_BATCH_SIZES, CudaGraphConfig, DecodeGraphs, bucket_for, field_stride,
+                                 pack_decode_step)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -51,18 +52,11 @@ def test_padding_rows_write_and_read_only_the_scratch_slot():
     assert tables == [3, 5, 0, 7, 8, 9, 20, 0, 0, 20, 0, 0]  # [4, 3]: padding rows' only block is scratch
 
 
-def test_config_from_env(monkeypatch):
-    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPHS", "off")
-    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPH_SIZES", "8,1,4")
-    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPH_MEMORY_MB", "256")
-    config = CudaGraphConfig.from_env()
-    assert config.mode == "off" and config.batch_sizes == (1, 4, 8) and config.memory_cap_bytes == 256 << 20
-    assert not config.enabled_for(torch.device("cuda"))
-    assert CudaGraphConfig(mode="auto").enabled_for(torch.device("cuda"))
-    assert not CudaGraphConfig(mode="auto").enabled_for(torch.device("cpu"))
-    monkeypatch.setenv("PREFIX_SERVE_CUDA_GRAPHS", "sometimes")
-    with pytest.raises(ValueError, match="auto, on or off"):
-        CudaGraphConfig.from_env()
+def test_auto_mode_uses_graphs_on_cuda_devices_only():
+    assert CudaGraphConfig("auto", None, 1024).enabled_for(torch.device("cuda"))
+    assert not CudaGraphConfig("auto", None, 1024).enabled_for(torch.device("cpu"))
+    assert CudaGraphConfig("on", None, 1024).enabled_for(torch.device("cpu"))
+    assert not CudaGraphConfig("off", None, 1024).enabled_for(torch.device("cuda"))
 
 
 class _FakeBackend:
@@ -75,9 +69,9 @@ class _FakeBackend:
         return None
 
 
-def _graphs(forward, sizes=(1, 2, 4, 8), width=4, **config):
-    return DecodeGraphs(CudaGraphConfig(mode="on", batch_sizes=sizes, **config), forward, _FakeBackend(),
-                        torch.device("cpu"), block_size=4, scratch_block=99, max_blocks_per_seq=width)
+def _graphs(forward, sizes=(1, 2, 4, 8), width=4, memory_cap_mb=1024):
+    return DecodeGraphs(CudaGraphConfig(mode="on", batch_sizes=sizes, memory_cap_mb=memory_cap_mb), forward,
+                        _FakeBackend(), torch.device("cpu"), block_size=4, scratch_block=99, max_blocks_per_seq=width)
 
 
 def test_only_pure_decode_steps_that_fit_get_a_graph():
@@ -127,7 +121,7 @@ def test_capture_failure_runs_that_size_eagerly_forever_and_is_logged_once(caplo
 
 
 def test_memory_cap_stops_new_captures():
-    graphs = _graphs(lambda ids, pos, meta: torch.zeros(ids.numel(), 2), memory_cap_bytes=0)
+    graphs = _graphs(lambda ids, pos, meta: torch.zeros(ids.numel(), 2), memory_cap_mb=0)
     key = graphs.key_for([1], [5], [[0]])
     assert graphs.run(key, [1], [4], [0], [5], [[0]]) is None
     assert "memory cap" in graphs.stats.failed[(1, False)]
@@ -141,6 +135,23 @@ def test_worker_keeps_a_scratch_block_outside_the_engines_blocks(tiny_zoo):
     assert llm.engine.block_manager.num_blocks == 20 == worker.kv_cache.num_blocks
     assert worker.kv_cache.data.shape[2] == 21
     assert worker.runner.graphs is None  # CPU, mode auto: eager
+    assert worker.runner.fused is None
+
+
+def test_graph_and_fused_settings_reach_the_model_runner(tiny_zoo):
+    """The EngineConfig fields, not the environment, decide: here graphs and fused layers on a CPU."""
+    from engine import LLM
+
+    llm = LLM(str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=20,
+              attention_backend="triton", cuda_graphs="on", cuda_graph_sizes=[8, 1, 4, 4], cuda_graph_memory_mb=256,
+              fused_layers="on")
+    runner = llm.engine.executor.worker.runner
+    assert runner.graphs.config == CudaGraphConfig(mode="on", batch_sizes=(1, 4, 8), memory_cap_mb=256.0)
+    assert runner.graphs.sizes == (1, 4, 8)
+    assert runner.fused is not None
+    default = LLM(str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=20,
+                  attention_backend="triton", cuda_graphs="on")
+    assert default.engine.executor.worker.runner.graphs.sizes == DEFAULT_BATCH_SIZES
 
 
 _EMULATED_GRAPH_CHILD = r"""
@@ -157,7 +168,7 @@ max_tokens = [3, 5, 7, 9, 12]  # the batch shrinks 5 -> 1, so buckets 8, 4, 2 an
 expected = [peft_forward_greedy(zoo["model"], zoo["adapters"][p] if p else None, pr, m)
             for pr, p, m in zip(prompts, prefixes, max_tokens)]
 llm = LLM(model=zoo["model"], skip_tokenizer_init=True, block_size=4, attention_backend="triton",
-          decode_steps=int(sys.argv[3]))
+          decode_steps=int(sys.argv[3]), cuda_graphs="on", fused_layers=sys.argv[4])
 for name, path in zoo["adapters"].items():
     llm.load_prefix(name, path)
 worker = llm.engine.executor.worker
@@ -177,10 +188,9 @@ print(json.dumps({"got": [o.outputs[0].token_ids for o in outs], "expected": exp
 
 def _emulated_graph_run(entry, decode_steps: int, fused: str = "off") -> dict:
     zoo = {"model": str(entry["model"]), "adapters": {k: str(v) for k, v in entry["adapters"].items()}}
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PREFIX_SERVE_CUDA_GRAPHS": "on",
-           "PREFIX_SERVE_FUSED_LAYERS": fused}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # Triton's CPU interpreter, for the attention kernel
     proc = subprocess.run([sys.executable, "-c", _EMULATED_GRAPH_CHILD, str(REPO_ROOT), json.dumps(zoo),
-                           str(decode_steps)], capture_output=True, text=True, env=env, timeout=600)
+                           str(decode_steps), fused], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -210,7 +220,7 @@ def test_captured_cuda_graph_decode_equals_eager_decode(tmp_path):
         pytest.skip("needs CUDA")
     from tiny_models import make_tiny_model
 
-    from engine.model_loader import ModelSpec
+    from engine.model_spec import ModelSpec
     from workers.kv_cache import KVCache
     from workers.model_runner import ModelRunner, StepInputs, load_model
 
@@ -219,8 +229,8 @@ def test_captured_cuda_graph_decode_equals_eager_decode(tmp_path):
     spec = ModelSpec.from_config(model.config)
     kv = KVCache(spec, 65, 4, torch.float32, "cuda")
     kv.data.normal_()
-    runner = ModelRunner(model, spec, kv, "triton", scratch_block=64,
-                         cuda_graphs=CudaGraphConfig(mode="on", batch_sizes=(1, 4, 8)))
+    runner = ModelRunner(model, spec, kv, "triton", scratch_block=64, fused_layers="auto",
+                         cuda_graphs=CudaGraphConfig(mode="on", batch_sizes=(1, 4, 8), memory_cap_mb=1024))
     assert runner.graph_stats.failed == {}
     seq_lens = [9, 30, 17]
     tables = [[0, 1, 2], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]

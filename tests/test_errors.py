@@ -10,7 +10,7 @@ import torch
 
 from engine import (LLM, AdapterMismatchError, InvalidAdapterError, InvalidPromptError, InvalidSamplingParamsError,
                     PromptTooLongError, SamplingParams, UnknownPrefixError, UnsupportedModelError)
-from engine.model_loader import ModelSpec
+from engine.model_spec import ModelSpec
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -255,7 +255,7 @@ def test_a_prefix_whose_file_vanished_fails_only_its_requests_and_is_retried_lat
         assert finished[rid].error is None and finished[rid].outputs[0].token_ids == ref.outputs[0].token_ids
     assert engine.stats.finished["error"] == 2
     assert engine.block_manager.num_used_blocks == 0 and not engine.block_manager.is_resident(
-        engine._prefix_keys["doomed"])
+        engine.prefixes.resolve("doomed")[0])
     shutil.copy(entry["adapters"]["p16"] / "adapter_model.safetensors", weights)  # a valid file, 16 tokens not 5
     out = llm.generate({"prompt_token_ids": [4, 5]}, params, prefix="doomed", use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "error" and "16 virtual tokens" in out.error
@@ -295,4 +295,4 @@ def test_requests_accepted_before_an_unload_or_reload_run_on_the_old_adapter_eve
     assert engine.stats.preemptions >= 1
     assert engine.block_manager.num_used_blocks == 0
     if action == "unload":  # nothing of the old registration is left
-        assert engine.block_manager.prefix_blocks() == 0 and not engine._retired
+        assert engine.block_manager.prefix_blocks() == 0 and not engine.prefixes._retired

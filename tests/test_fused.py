@@ -13,7 +13,7 @@ import pytest
 import torch
 from interpreter import run_under_triton_interpreter
 
-from workers.fused_decoder import FusedDecoder, fused_mode_from_env, make_fused_decoder
+from workers.fused_decoder import FusedDecoder, make_fused_decoder
 from workers.fused_ops import TorchOps
 
 
@@ -81,14 +81,6 @@ def test_triton_op_matches_hugging_face_formula(interpreter_errors, op, dtype):
         assert interpreter_errors[f"rope_write leaves other slots {dtype}"] == 0.0
 
 
-def test_mode_from_env(monkeypatch):
-    monkeypatch.setenv("PREFIX_SERVE_FUSED_LAYERS", "0")
-    assert fused_mode_from_env() == "off"
-    monkeypatch.setenv("PREFIX_SERVE_FUSED_LAYERS", "sometimes")
-    with pytest.raises(ValueError, match="auto, on or off"):
-        fused_mode_from_env()
-
-
 def test_fused_weights_are_views_of_one_concatenation_and_gpt2_is_not_fused(tiny_zoo):
     from transformers import AutoModelForCausalLM
 
@@ -96,6 +88,7 @@ def test_fused_weights_are_views_of_one_concatenation_and_gpt2_is_not_fused(tiny
     attn = model.model.layers[0].self_attn
     q_before = attn.q_proj.weight.detach().clone()
     assert make_fused_decoder(model, torch.device("cpu"), "auto") is None  # auto: CUDA only
+    assert make_fused_decoder(model, torch.device("cpu"), "off") is None
     fused = make_fused_decoder(model, torch.device("cpu"), "on")
     layer = fused.layers[0]
     assert fused.ops is TorchOps

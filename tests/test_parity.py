@@ -136,12 +136,11 @@ def test_decode_run_discards_tokens_after_a_stop_token(tiny_zoo):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_decoder_layers_match_peft_forward(tiny_zoo, arch, monkeypatch):
+def test_fused_decoder_layers_match_peft_forward(tiny_zoo, arch):
     """The fused forward (workers/fused_decoder.py; on CPU with torch ops) against the referee; GPT-2 keeps
     Hugging Face's forward."""
-    monkeypatch.setenv("PREFIX_SERVE_FUSED_LAYERS", "on")
     entry = tiny_zoo(arch)
-    llm, got = _run(entry, block_size=4)
+    llm, got = _run(entry, block_size=4, fused_layers="on")
     assert (llm.engine.executor.worker.runner.fused is None) == (arch == "gpt2")
     assert got == _expected(entry)
 
@@ -177,7 +176,7 @@ def test_sliding_window_model_is_served_exactly_within_its_window(tiny_zoo, tmp_
 def test_attention_window_reads_each_config_style():
     import transformers as tf
 
-    from engine.model_loader import attention_window
+    from engine.model_spec import attention_window
 
     assert attention_window(tf.MistralConfig(sliding_window=4096)) == 4096
     assert attention_window(tf.MistralConfig(sliding_window=None)) is None

@@ -5,18 +5,26 @@ loop's message protocol, and the `serve` command line.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import multiprocessing
 import random
+import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
 from test_server_support import build_model, build_prefixes, build_tokenizer
 
-from engine.serving import protocol
-from engine.serving.async_engine import IncrementalDetokenizer
-from engine.serving.engine_process import EngineLoop, EngineProcessOptions, EngineProtocolError, pack, unpack
+from engine import wire
 from engine.errors import InvalidPromptError, InvalidSamplingParamsError
+from engine.sampling_params import SamplingParams
+from engine.serving import protocol
+from engine.serving.async_engine import AsyncEngineClient, IncrementalDetokenizer, StopPrefixAutomaton, _RequestState
+from engine.serving.engine_process import VERSION, EngineLoop, EngineProcessOptions, EngineProtocolError, pack, unpack
 
 
 # ---- protocol ---------------------------------------------------------------------------------------------------
@@ -78,6 +86,51 @@ def test_chat_messages_accept_text_parts_and_refuse_tools_and_images():
             protocol.parse_chat_request(body)
 
 
+def test_too_many_stop_token_ids_are_refused():
+    """Each generated token is checked against every stop token id: a list of millions slowed every request."""
+    limit = SamplingParams.MAX_STOP_TOKEN_IDS
+    assert SamplingParams(stop_token_ids=list(range(limit))).stop_token_id_set == frozenset(range(limit))
+    with pytest.raises(InvalidSamplingParamsError,
+                       match=f"stop_token_ids takes at most {limit} ids, got {limit + 1}"):
+        SamplingParams(stop_token_ids=list(range(limit + 1)))
+    with pytest.raises(InvalidSamplingParamsError):
+        protocol.sampling_params({"stop_token_ids": [7] * 5_000_000}, 16)
+
+
+class _NoEngine:
+    """An engine client for request-parsing tests: alive, but any request that reaches it fails the test."""
+
+    alive, dead = True, None
+
+    async def add(self, *args, **kwargs):
+        raise AssertionError("the request should have been refused before reaching the engine")
+
+    def abort(self, request_ids):
+        pass
+
+
+def _post(path: str, body: dict) -> tuple[int, dict]:
+    """POST `body` to an in-process OpenAIServer (no engine behind it); returns (status, JSON body)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from engine.serving.metrics import ServerMetrics
+    from engine.serving.server import OpenAIServer, ServerSettings
+
+    async def post():
+        server = OpenAIServer(_NoEngine(), None, ServerSettings(("base",), "/model", 64), ServerMetrics())
+        async with TestClient(TestServer(server.build_app())) as http:
+            response = await http.post(path, json=body)
+            return response.status, await response.json()
+
+    return asyncio.run(post())
+
+
+def test_http_request_with_too_many_stop_token_ids_is_400():
+    status, body = _post("/v1/completions", {"model": "base", "prompt": [1, 2], "stop_token_ids": list(range(5000))})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith("stop_token_ids takes at most")
+
+
 def test_error_body_has_openai_shape():
     body = protocol.error_body(404, "Unknown prefix 'x'.", "UnknownPrefixError")
     assert body == {"error": {"message": "Unknown prefix 'x'.", "type": "not_found_error", "param": None,
@@ -120,7 +173,7 @@ def test_streamed_text_never_runs_past_a_stop_string(tokenizer):
         final = tokenizer.decode(ids[:end])
         final = final[:final.find(stop)]
         stops = (stop, "never a stop")
-        detok = IncrementalDetokenizer(tokenizer, stops)
+        detok = IncrementalDetokenizer(tokenizer, StopPrefixAutomaton(stops))
         pieces = []
         for t in ids[:end - 1]:
             pieces.append(detok.add([t]))
@@ -138,10 +191,74 @@ def test_streamed_text_holds_back_only_what_could_start_a_stop_string():
         def decode(self, ids, skip_special_tokens=True):
             return "".join(chr(i) for i in ids)
 
-    detok = IncrementalDetokenizer(Chars(), (" The answer", "zz"))
+    detok = IncrementalDetokenizer(Chars(), StopPrefixAutomaton((" The answer", "zz")))
     assert [detok.add([ord(c)]) for c in " Paris. T"] == ["", " P", "a", "r", "i", "s", ".", "", ""]
     assert detok.add([ord("h")]) == "" and detok.add([ord("x")]) == " Thx"
     assert detok.add([ord("z")]) == "" and detok.add([ord("a")]) == "za"
+
+
+def _held_text(text: str, stops: tuple[str, ...]) -> str:
+    """The plain reference: the longest end of `text` that is a proper prefix of some stop string."""
+    return max((stop[:k] for stop in stops for k in range(len(stop)) if text.endswith(stop[:k])), key=len,
+               default="")
+
+
+class _Pieces:
+    """A tokenizer whose token i decodes to vocab[i], so a stream's text is known exactly."""
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = vocab
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.vocab[i] for i in ids)
+
+
+def test_held_back_text_equals_a_brute_force_reference_on_random_streams():
+    rng = random.Random(2)
+    vocab = ["a", "b", "c", "ab", "ba", "aab", "abc", "cab", "bb", "aaaa"]
+    for _ in range(500):
+        stops = tuple({"".join(rng.choice("abc") for _ in range(rng.randint(1, 7)))
+                       for _ in range(rng.randint(1, 5))})
+        detok, text, sent = IncrementalDetokenizer(_Pieces(vocab), StopPrefixAutomaton(stops)), "", 0
+        for _ in range(rng.randint(1, 40)):
+            token = rng.randrange(len(vocab))
+            text += vocab[token]
+            upto = max(sent, len(text) - len(_held_text(text, stops)))
+            assert detok.add([token]) == text[sent:upto], (stops, text)
+            sent = upto
+
+
+def test_samples_sharing_a_stop_automaton_each_hold_what_the_reference_holds():
+    """The automaton grows as texts reach new prefixes; interleaved samples must not disturb each other."""
+    rng = random.Random(4)
+    for _ in range(200):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 8))]
+        automaton = StopPrefixAutomaton(stops)
+        texts, states = ["", ""], [StopPrefixAutomaton.ROOT] * 2
+        for _ in range(60):
+            sample, piece = rng.randrange(2), "".join(rng.choice("ab") for _ in range(rng.randint(1, 3)))
+            texts[sample] += piece
+            states[sample] = automaton.advance(states[sample], piece)
+            assert automaton.hold(states[sample]) == len(_held_text(texts[sample], tuple(stops))), (stops, texts)
+
+
+def test_long_stop_strings_cost_little_per_streamed_token():
+    """Issue 15: 255 stops of 4,096 characters that never match, and one that begins like the output, kept the
+    frontend's one reader thread busy for minutes (stops x held text^2 per token), stalling every stream."""
+    rng = random.Random(3)
+    alphabet = "abcdefghij"
+    chunks = ["".join(rng.choice(alphabet) for _ in range(13)) for _ in range(300)]  # 3,900 characters
+    output = "".join(chunks)
+    limit = SamplingParams.MAX_STOP_CHARS
+    stops = ["".join(rng.choice(alphabet) for _ in range(limit)) for _ in range(SamplingParams.MAX_STOP_STRINGS - 1)]
+    stops.append(output + "Z" * (limit - len(output)))  # the output keeps looking like its start: all of it is held
+    SamplingParams(stop=stops)  # within the documented limits
+    detok = IncrementalDetokenizer(_Pieces([*chunks, "!"]), StopPrefixAutomaton(stops))
+    start = time.perf_counter()
+    for token in range(len(chunks)):
+        assert detok.add([token]) == ""
+        assert time.perf_counter() - start < 1.0, f"{token} tokens took over a second"
+    assert detok.add([len(chunks)]) == output + "!"  # no longer a stop's start: all of it goes out
 
 
 # ---- the engine loop, in-process --------------------------------------------------------------------------------
@@ -185,9 +302,9 @@ def test_engine_loop_sends_only_new_tokens_and_an_abort_frees_blocks_at_once(eng
     conn, sent = FakeConnection(), []
     loop = EngineLoop(engine, EngineProcessOptions(prefix_dirs=(str(root / "prefixes"),), debug=True), conn,
                       sent.append)
-    params = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     conn.put({"op": "add", "id": "a", "tokens": [7, 8, 9], "params": params, "prefix": "task0"})  # lazily found
-    conn.put({"op": "add", "id": "b", "tokens": [7, 8], "params": {**params, "max_tokens": 50}, "prefix": None})
+    conn.put({"op": "add", "id": "b", "tokens": [7, 8], "params": replace(params, max_tokens=50), "prefix": None})
     conn.put({"op": "add", "id": "c", "tokens": [7], "params": params, "prefix": "nope"})
     conn.put({"op": "add", "id": "d", "tokens": [7] * 300, "params": params, "prefix": None})
     for _ in range(3):  # the first also answers the adds
@@ -231,8 +348,55 @@ def test_engine_loop_sends_only_new_tokens_and_an_abort_frees_blocks_at_once(eng
 
 def test_messages_of_another_protocol_version_are_refused():
     assert unpack(pack({"op": "abort", "ids": []}))["op"] == "abort"
-    with pytest.raises(EngineProtocolError, match="version 2"):
-        unpack(msgpack.packb({"v": 2, "op": "abort"}))
+    with pytest.raises(EngineProtocolError, match=f"version {VERSION + 1}, but this side speaks version {VERSION}"):
+        unpack(wire.encode({"op": "abort"}, VERSION + 1))
+    with pytest.raises(EngineProtocolError):  # the dict messages of version 1
+        unpack(msgpack.packb({"v": 1, "op": "abort"}))
+
+
+# ---- the engine client's reader thread --------------------------------------------------------------------------
+def _client_reading(pipe_end) -> AsyncEngineClient:
+    """An AsyncEngineClient with no engine process: it reads engine messages from `pipe_end`."""
+    from engine.config import EngineConfig
+
+    client = AsyncEngineClient(EngineConfig(), EngineProcessOptions())
+    client._from_engine = pipe_end
+    client._process = SimpleNamespace(is_alive=lambda: True, exitcode=None)  # a running engine process
+    return client
+
+
+def test_a_message_the_frontend_cannot_read_marks_the_engine_dead_and_fails_open_requests():
+    """EngineProtocolError is a RuntimeError, which the reader took for a closed event loop: it ended silently,
+    open requests hung and /health stayed 200."""
+    reads, writes = multiprocessing.Pipe(duplex=False)
+    client = _client_reading(reads)
+
+    async def scenario():
+        sink = asyncio.Queue()
+        client._requests["r"] = _RequestState(sink, 0, True, None)  # no stop strings
+        client.attach(asyncio.get_running_loop())
+        assert client.alive
+        writes.send_bytes(msgpack.packb({"v": 2, "op": "batch", "outputs": []}))
+        try:
+            return await asyncio.wait_for(sink.get(), 2)
+        finally:
+            client._out.put(None)  # ends the writer thread
+
+    update = asyncio.run(scenario())
+    assert update.request_id == "r" and update.finished and update.error["status"] == 503
+    assert "cannot read" in update.error["message"]
+    assert "cannot read" in client.dead and client.dead_event.is_set() and not client.alive
+
+
+def test_the_reader_ends_quietly_when_the_event_loop_closed_first(caplog):
+    reads, writes = multiprocessing.Pipe(duplex=False)
+    client = _client_reading(reads)
+    client._loop = loop = asyncio.new_event_loop()
+    loop.close()  # the server shut down before the engine's last batch arrived
+    writes.send_bytes(pack({"op": "batch", "replies": [], "outputs": []}))
+    with caplog.at_level(logging.ERROR, logger="prefix_serve.async_engine"):
+        client._read_loop()  # returns instead of failing to schedule the batch
+    assert client.dead is None and not caplog.records
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -246,7 +410,8 @@ def test_serve_help_lists_its_options():
     sub = parser._subparsers._group_actions[0].choices["serve"]
     text = sub.format_help()
     for option in ("MODEL", "--prefix-dir", "--served-model-name", "--host", "--port", "--device", "--api-key",
-                   "--allowed-prefix-root", "--debug-endpoints", "--num-kv-blocks", "--executor", "--decode-steps"):
+                   "--allowed-prefix-root", "--debug-endpoints", "--num-kv-blocks", "--executor", "--decode-steps",
+                   "--cuda-graphs", "--cuda-graph-sizes", "--cuda-graph-memory-mb", "--fused-layers"):
         assert option in text, option
     with pytest.raises(SystemExit, match="--decode-steps must be at least 1"):
         server.run(parser.parse_args(["serve", "--decode-steps", "0"]))
@@ -273,13 +438,21 @@ def test_decode_steps_setting_is_checked():
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be"), ({"cpu_kv_cache_gb": 0}, "cpu_kv_cache_gb"),
     ({"cpu_kv_cache_gb": float("inf")}, "cpu_kv_cache_gb must be a finite"), ({"max_num_seqs": True}, "max_num_seqs"),
     ({"host_prefix_cache_size": -1}, "host_prefix_cache_size must be"),
+    ({"cuda_graphs": "sometimes"}, "cuda_graphs must be auto .*, on or off, got 'sometimes'"),
+    ({"cuda_graphs": True}, "cuda_graphs must be auto"), ({"fused_layers": "1"}, "fused_layers must be auto"),
+    ({"cuda_graph_sizes": []}, "cuda_graph_sizes must be a non-empty list of integers of at least 1"),
+    ({"cuda_graph_sizes": (1, 0)}, "cuda_graph_sizes must be"), ({"cuda_graph_sizes": "1,2"}, "cuda_graph_sizes"),
+    ({"cuda_graph_sizes": [2.0]}, "cuda_graph_sizes must be"), ({"cuda_graph_sizes": 8}, "cuda_graph_sizes must be"),
+    ({"cuda_graph_memory_mb": -1}, "cuda_graph_memory_mb must be a finite number of at least 0"),
+    ({"cuda_graph_memory_mb": float("nan")}, "cuda_graph_memory_mb must be"),
 ])
 def test_every_engine_setting_is_checked_when_the_config_is_made(setting, message):
     from engine.config import EngineConfig
     from engine.errors import InvalidConfigError
 
-    with pytest.raises(InvalidConfigError, match=message):
+    with pytest.raises(InvalidConfigError, match=message) as err:
         EngineConfig(**setting)
+    assert err.value.field == next(iter(setting))  # the server names the option from it
 
 
 def test_numpy_numbers_are_good_settings():
@@ -295,6 +468,26 @@ def test_serve_refuses_a_bad_setting_before_starting_the_engine():
 
     with pytest.raises(SystemExit, match="--max-num-batched-tokens must be an integer of at least 1, got 0"):
         main(["serve", "--max-num-batched-tokens", "0", "--port", "0"])
+    with pytest.raises(SystemExit, match=r"--cuda-graph-sizes must be a non-empty list .*, got \[4, 0\]"):
+        main(["serve", "--cuda-graph-sizes", "4", "0", "--port", "0"])
+    with pytest.raises(SystemExit, match="--cuda-graph-memory-mb must be a finite number of at least 0"):
+        main(["serve", "--cuda-graph-memory-mb", "-1", "--port", "0"])
+
+
+def test_serve_defaults_are_the_engine_configs_and_each_engine_option_sets_its_field():
+    from engine.cli import build_parser
+    from engine.config import EngineConfig
+    from engine.serving.server import _engine_config
+
+    parser = build_parser("serve")
+    assert _engine_config(parser.parse_args(["serve"]), []) == EngineConfig()
+    args = parser.parse_args(["serve", "--cuda-graphs", "on", "--cuda-graph-sizes", "8", "1", "4",
+                              "--cuda-graph-memory-mb", "256", "--fused-layers", "off", "--max-num-seqs", "8"])
+    config = _engine_config(args, [])
+    assert (config.cuda_graphs, config.cuda_graph_sizes, config.cuda_graph_memory_mb, config.fused_layers,
+            config.max_num_seqs) == ("on", (1, 4, 8), 256.0, "off", 8)
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        parser.parse_args(["serve", "--fused-layers", "sometimes"])
 
 
 # ---- metric names: docs and dashboard agree with what the server exports ----------------------------------------

@@ -258,7 +258,7 @@ def test_prefix_projection_saves_the_projected_prefix_that_peft_and_the_engine_l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.model_loader import ModelSpec
+    from engine.model_spec import ModelSpec
     from engine.prefix_registry import check_adapter_tensor, read_adapter_config
 
     data = _write_jsonl(tmp_path / "train.jsonl", _pairs(4))
@@ -342,7 +342,7 @@ def test_pirate_rewrite_rules():
 
 def test_committed_demo_prefixes_fit_the_embedded_model():
     from engine.training.demo_data import TASKS
-    from engine.model_loader import ModelSpec
+    from engine.model_spec import ModelSpec
     from engine.prefix_registry import check_adapter_tensor, read_adapter_config
 
     spec = ModelSpec("llama", 30, 9, 3, 64, 49152, 8192, (2,))  # SmolLM2-135M-Instruct

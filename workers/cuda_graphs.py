@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import array
 import logging
-import os
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -41,29 +40,14 @@ _ALIGN = 16  # int32 elements: 64 bytes
 
 @dataclass(frozen=True)
 class CudaGraphConfig:
-    """mode: "auto" (graphs on CUDA devices only), "on" (also emulated on CPU, for tests) or "off"."""
+    """EngineConfig's cuda_graphs, cuda_graph_sizes and cuda_graph_memory_mb (checked there), for the runner.
 
-    mode: str = "auto"
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    mode: "auto" (graphs on CUDA devices only), "on" (also emulated on CPU, for tests) or "off"."""
+
+    mode: str
+    batch_sizes: tuple[int, ...] | None  # None: DEFAULT_BATCH_SIZES
+    memory_cap_mb: float  # stop capturing new sizes once the graphs hold this much device memory
     capture_at_start: bool = True  # CUDA: capture every size at start-up (largest first); else on first use
-    memory_cap_bytes: int = 1 << 30  # stop capturing new sizes once the graphs hold this much device memory
-
-    @staticmethod
-    def from_env() -> "CudaGraphConfig":
-        """PREFIX_SERVE_CUDA_GRAPHS=auto|on|off, PREFIX_SERVE_CUDA_GRAPH_SIZES=1,2,4,... and
-        PREFIX_SERVE_CUDA_GRAPH_MEMORY_MB (until EngineConfig carries these settings)."""
-        mode = os.environ.get("PREFIX_SERVE_CUDA_GRAPHS", "auto").strip().lower()
-        if mode in ("1", "true", "yes"):
-            mode = "on"
-        elif mode in ("0", "false", "no"):
-            mode = "off"
-        if mode not in ("auto", "on", "off"):
-            raise ValueError(f"PREFIX_SERVE_CUDA_GRAPHS must be auto, on or off, got {mode!r}.")
-        sizes = os.environ.get("PREFIX_SERVE_CUDA_GRAPH_SIZES")
-        batch_sizes = tuple(sorted({int(s) for s in sizes.split(",") if s.strip()})) if sizes else DEFAULT_BATCH_SIZES
-        memory_mb = os.environ.get("PREFIX_SERVE_CUDA_GRAPH_MEMORY_MB")
-        memory_cap = int(float(memory_mb) * 2**20) if memory_mb else CudaGraphConfig.memory_cap_bytes
-        return CudaGraphConfig(mode=mode, batch_sizes=batch_sizes, memory_cap_bytes=memory_cap)
 
     def enabled_for(self, device: torch.device) -> bool:
         return self.mode == "on" or (self.mode == "auto" and device.type == "cuda")
@@ -191,7 +175,7 @@ class DecodeGraphs:
         self.device = device
         self.block_size = block_size
         self.scratch_block = scratch_block
-        self.sizes = tuple(sorted(config.batch_sizes))
+        self.sizes = tuple(sorted(config.batch_sizes or DEFAULT_BATCH_SIZES))
         self.max_batch = self.sizes[-1]
         self.width = max_blocks_per_seq
         stride = field_stride(self.max_batch)
@@ -281,8 +265,8 @@ class DecodeGraphs:
     def _capture(self, key):
         if key in self.stats.failed:
             return None
-        if self.stats.graph_memory_bytes >= self.config.memory_cap_bytes:
-            self._fail(key, f"graph memory cap of {self.config.memory_cap_bytes} bytes reached")
+        if self.stats.graph_memory_bytes >= self.config.memory_cap_mb * 2**20:
+            self._fail(key, f"graph memory cap of {self.config.memory_cap_mb:g} MiB reached")
             return None
         start = time.perf_counter()
         try:

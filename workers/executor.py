@@ -1,7 +1,8 @@
 """Executors: where workers live. In-process for tests and debugging, or Ray actors, one per device.
 
-Both take the engine's step as msgpack bytes and return the worker's result as bytes, so the engine cannot
-tell them apart. Ray is imported only by the Ray executor, so `import engine` works without it.
+The engine hands an executor one `StepMessage` per step; the executor encodes it once and gives the same bytes
+to every worker it runs, so the cost of a step's message does not grow with the number of workers. Ray is
+imported only by the Ray executor, so `import engine` works without it.
 """
 
 from __future__ import annotations
@@ -9,21 +10,24 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 
-from engine.model_loader import ModelSpec
+from engine.model_spec import ModelSpec
+from engine.step_messages import StepMessage, StepResult, WorkerInfo
 from workers.worker import Worker, WorkerConfig
 
 logger = logging.getLogger("prefix_serve.executor")
 
 
 class Executor(ABC):
-    num_blocks: int
-    attention_backend: str  # the backend the workers chose (or were told to use)
+    """Runs a step on its workers. `info` holds what they reported at start-up."""
+
+    info: WorkerInfo
+
+    def execute(self, message: StepMessage) -> StepResult:
+        return StepResult.decode(self._execute(message.encode()))
 
     @abstractmethod
-    def execute(self, step: bytes) -> bytes: ...
-
-    @abstractmethod
-    def forget_prefix(self, path: str) -> None: ...
+    def _execute(self, step: bytes) -> bytes:
+        """Run one encoded step on every worker; returns the encoded result of the one that samples."""
 
     def shutdown(self) -> None:
         pass
@@ -32,14 +36,10 @@ class Executor(ABC):
 class InProcessExecutor(Executor):
     def __init__(self, config: WorkerConfig, spec: ModelSpec):
         self.worker = Worker(config, spec)
-        self.num_blocks = self.worker.kv_cache.num_blocks
-        self.attention_backend = self.worker.attention_backend
+        self.info = WorkerInfo.decode(self.worker.info())
 
-    def execute(self, step: bytes) -> bytes:
+    def _execute(self, step: bytes) -> bytes:
         return self.worker.execute(step)
-
-    def forget_prefix(self, path: str) -> None:
-        self.worker.forget_prefix(path)
 
 
 class _WorkerActor:
@@ -48,17 +48,11 @@ class _WorkerActor:
     def __init__(self, config: WorkerConfig, spec: ModelSpec):
         self.worker = Worker(config, spec)
 
-    def num_blocks(self) -> int:
-        return self.worker.kv_cache.num_blocks
-
-    def attention_backend(self) -> str:
-        return self.worker.attention_backend
+    def info(self) -> bytes:
+        return self.worker.info()
 
     def execute(self, step: bytes) -> bytes:
         return self.worker.execute(step)
-
-    def forget_prefix(self, path: str) -> None:
-        self.worker.forget_prefix(path)
 
 
 class RayExecutor(Executor):
@@ -77,14 +71,10 @@ class RayExecutor(Executor):
             config = WorkerConfig(**{**config.__dict__, "device": "cuda"})  # Ray sets CUDA_VISIBLE_DEVICES
         self._ray = ray
         self.actor = actor_cls.remote(config, spec)
-        self.num_blocks = ray.get(self.actor.num_blocks.remote())
-        self.attention_backend = ray.get(self.actor.attention_backend.remote())
+        self.info = WorkerInfo.decode(ray.get(self.actor.info.remote()))
 
-    def execute(self, step: bytes) -> bytes:
+    def _execute(self, step: bytes) -> bytes:
         return self._ray.get(self.actor.execute.remote(step))
-
-    def forget_prefix(self, path: str) -> None:
-        self._ray.get(self.actor.forget_prefix.remote(path))
 
     def shutdown(self) -> None:
         self._ray.kill(self.actor)

@@ -13,22 +13,22 @@ kernels on GPUs, Hugging Face's torch formulas elsewhere); on GPUs the rotary ke
 keys and the values into their cache slots. Everything else (embedding, rotary cos/sin, the final norm's weight,
 the LM head) is the model's own module, so rope scaling variants and tied embeddings behave as in Hugging Face.
 
-`PREFIX_SERVE_FUSED_LAYERS=auto|on|off` (default auto: on for CUDA devices; on a CPU, `on` runs the torch ops,
-which tests use). A model that does not fit (another architecture, biases on only some projections, an
-activation other than SiLU, partial rotary, a head size that is not a power of two) keeps Hugging Face's
-forward, with the reason logged once.
+`EngineConfig.fused_layers` (`--fused-layers`) is auto|on|off (default auto: on for CUDA devices; on a CPU,
+`on` runs the torch ops, which tests use). A model that does not fit (another architecture, biases on only some
+projections, an activation other than SiLU, partial rotary, a head size that is not a power of two) keeps
+Hugging Face's forward, with the reason logged once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from engine.model_spec import head_dim_of
 from workers.fused_ops import TorchOps, TritonOps, triton_usable
 
 logger = logging.getLogger("prefix_serve.fused_decoder")
@@ -37,14 +37,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # attend(layer_idx, q [N, H, D]) -> [N, H, D]: attention over the cache, the step's K/V already written
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-def fused_mode_from_env() -> str:
-    mode = os.environ.get("PREFIX_SERVE_FUSED_LAYERS", "auto").strip().lower()
-    mode = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(mode, mode)
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"PREFIX_SERVE_FUSED_LAYERS must be auto, on or off, got {mode!r}.")
-    return mode
 
 
 def _concat_into_views(modules: list[torch.nn.Linear], name: str) -> torch.Tensor | None:
@@ -85,7 +77,7 @@ class FusedDecoder:
         self.norm = decoder.norm
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.layers = []
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -107,7 +99,7 @@ class FusedDecoder:
             return f"model type {config.model_type!r} (fused layers cover {', '.join(SUPPORTED_MODEL_TYPES)})"
         if getattr(config, "hidden_act", "silu") != "silu":
             return f"activation {config.hidden_act!r} (fused layers need silu)"
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         if head_dim & (head_dim - 1) or head_dim < 4:
             return f"head size {head_dim} is not a power of two"
         rope = getattr(config, "rope_parameters", None)
@@ -193,10 +185,10 @@ def check_ops(ops, device: torch.device, dtype: torch.dtype, hidden: int, num_he
     return f"results differ from the torch formulas: {bad}" if bad else None
 
 
-def make_fused_decoder(model, device: torch.device, mode: str | None = None) -> FusedDecoder | None:
-    """The fused forward for `model` when the mode and the model allow it, else None (Hugging Face's forward).
-    On a GPU the Triton kernels are first checked once against the torch formulas at the model's shapes."""
-    mode = mode or fused_mode_from_env()
+def make_fused_decoder(model, device: torch.device, mode: str) -> FusedDecoder | None:
+    """The fused forward for `model` when the mode (auto|on|off, EngineConfig.fused_layers) and the model allow
+    it, else None (Hugging Face's forward). On a GPU the Triton kernels are first checked once against the torch
+    formulas at the model's shapes."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
     try:
@@ -206,7 +198,7 @@ def make_fused_decoder(model, device: torch.device, mode: str | None = None) -> 
     use_triton = triton_usable(device)
     if reason is None and use_triton:
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         reason = check_ops(TritonOps, device, model.dtype, config.hidden_size, config.num_attention_heads,
                            config.num_key_value_heads, head_dim)
         reason = reason and f"the Triton kernels failed their start-up check: {reason}"

@@ -1,4 +1,4 @@
-"""The paged KV cache of one worker, and the one function that lays a PEFT prefix out as cache entries.
+"""The paged KV cache of one worker, the slot arithmetic of paged access, and prefix reads into it.
 
 Layout: `data` is [num_layers, 2 (key, value), num_blocks, block_size, num_kv_heads, head_dim]; layer l's key
 cache is data[l, 0] and its value cache data[l, 1], each in the attention-backend layout.
@@ -9,32 +9,37 @@ from __future__ import annotations
 import math
 import mmap
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
-from engine.model_loader import ModelSpec
-
-
-def peft_prefix_to_kv(prompt_embeddings: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """PEFT's saved prefix [P, L*2*kv_heads*head_dim] -> per-layer KV [L, 2, P, kv_heads, head_dim].
-
-    PEFT reads the tensor as view(P, 2L, kv_heads, head_dim); entry 2l holds layer l's keys and 2l+1 its values.
-    The keys are used exactly as stored: no rotary embedding is applied to prefix keys.
-    """
-    num_tokens = prompt_embeddings.shape[0]
-    kv = prompt_embeddings.view(num_tokens, 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    kv = kv.permute(1, 0, 2, 3)  # [2L, P, kv_heads, head_dim]
-    return kv.reshape(spec.num_layers, 2, num_tokens, spec.num_kv_heads, spec.head_dim)
+from engine.model_spec import ModelSpec
+from engine.peft_format import ADAPTER_WEIGHTS, TENSOR_NAME, prefix_to_kv
 
 
 def read_prefix_kv(path: str, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
     """Load an adapter's prefix from safetensors (never pickle) as [L, 2, P, kv_heads, head_dim]."""
     from safetensors.torch import load_file
 
-    from engine.prefix_registry import ADAPTER_WEIGHTS, TENSOR_NAME
+    tensor = load_file(str(Path(path) / ADAPTER_WEIGHTS))[TENSOR_NAME]
+    return prefix_to_kv(tensor.to(dtype), spec.num_layers, spec.num_kv_heads, spec.head_dim).contiguous()
 
-    tensor = load_file(f"{path}/{ADAPTER_WEIGHTS}")[TENSOR_NAME]
-    return peft_prefix_to_kv(tensor.to(dtype), spec).contiguous()
+
+def slot_of(block_table, index, block_size: int):
+    """The cache slot of KV-stream index `index` of a sequence with this block table. Ints, or tensors of
+    indices with a tensor table: the slot arithmetic of every paged read and write."""
+    return block_table[index // block_size] * block_size + index % block_size
+
+
+def extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """Append the cache slots of KV-stream indices start .. end - 1: one range per block, not one `slot_of` per
+    token (a long prefill chunk has thousands of tokens and a handful of blocks)."""
+    while start < end:
+        block = start // block_size
+        stop = min(end, (block + 1) * block_size)
+        first = slot_of(table, start, block_size)
+        slots.extend(range(first, first + stop - start))
+        start = stop
 
 
 class HostPrefixCache:
@@ -86,9 +91,8 @@ class KVCache:
 
     def write_prefix(self, kv: torch.Tensor, block_ids: list[int]) -> None:
         """Write a prefix's KV ([L, 2, P, kv_heads, head_dim]) into its blocks, token i at block i // size."""
-        idx = torch.arange(kv.shape[2])
-        blocks = torch.tensor(block_ids, dtype=torch.long)[idx // self.block_size]
-        slots = (blocks * self.block_size + idx % self.block_size).to(self.data.device)
+        slots = slot_of(torch.tensor(block_ids, dtype=torch.long), torch.arange(kv.shape[2]), self.block_size)
+        slots = slots.to(self.data.device)
         self._flat().index_copy_(2, slots, kv.to(self.data.device, self.data.dtype))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

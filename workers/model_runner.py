@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model_loader import ModelSpec
+from engine.model_spec import ModelSpec
 from workers.attention import AttentionBackend, AttentionMetadata, get_backend_class, write_kv
 from workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, GraphStats, host_int32
 from workers.fused_decoder import make_fused_decoder
@@ -147,11 +147,10 @@ def flatten_tables(block_tables: list[list[int]], width: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, spec: ModelSpec, kv_cache: KVCache, backend_name: str,
-                 scratch_block: int | None = None, cuda_graphs: CudaGraphConfig | None = None,
-                 fused_layers: str | None = None):
+                 scratch_block: int | None = None, *, cuda_graphs: CudaGraphConfig, fused_layers: str):
         """`scratch_block`: a cache block that no sequence owns, where padding rows of a CUDA-graph batch write;
-        without one, every step runs eagerly. `cuda_graphs`: None reads the PREFIX_SERVE_CUDA_GRAPHS* variables.
-        `fused_layers`: auto|on|off, None reads PREFIX_SERVE_FUSED_LAYERS (`workers.fused_decoder`)."""
+        without one, every step runs eagerly. `cuda_graphs` and `fused_layers` (auto|on|off, see
+        `workers.fused_decoder`) come from EngineConfig, through the WorkerConfig."""
         self.model = model
         self.spec = spec
         self.kv_cache = kv_cache
@@ -161,7 +160,7 @@ class ModelRunner:
         scale = spec.head_dim ** -0.5
         self.backend = get_backend_class(backend_name)(spec.num_heads, spec.num_kv_heads, spec.head_dim, scale)
         self.fused = make_fused_decoder(model, self.device, fused_layers)
-        self.graphs = self._make_graphs(cuda_graphs or CudaGraphConfig.from_env(), scratch_block)
+        self.graphs = self._make_graphs(cuda_graphs, scratch_block)
 
     def _make_graphs(self, config: CudaGraphConfig, scratch_block: int | None) -> DecodeGraphs | None:
         if scratch_block is None or not config.enabled_for(self.device):

@@ -1,21 +1,24 @@
 """Worker: owns one device's model runner and KV cache, and mirrors the state of the sequences it runs.
 
 It is a plain object: the in-process executor calls it directly and the Ray executor wraps it in an actor.
-Both speak the msgpack messages of `workers.messages`.
+Both hand it the encoded `StepMessage` of `engine.step_messages` and get back an encoded `StepResult`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from engine.errors import InvalidConfigError
-from engine.model_loader import ModelSpec
-from workers import messages
+from engine.model_spec import ModelSpec
+from engine.peft_format import token_index
+from engine.step_messages import (PrefixLoad, SamplingSettings, ScheduledSequence, SequenceState, StepMessage,
+                                  StepResult, WorkerInfo, fork_children)
 from workers.attention import default_backend_name
-from workers.kv_cache import HostPrefixCache, KVCache, read_prefix_kv
+from workers.cuda_graphs import CudaGraphConfig
+from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, read_prefix_kv, slot_of
 from workers.model_runner import ModelRunner, StepInputs, load_model
 from workers.sampler import SampleRow, sample, sample_on_device
 
@@ -28,21 +31,14 @@ class WorkerConfig:
     block_size: int
     num_blocks: int | None  # None: size the cache from memory (see kv_cache_num_blocks)
     attention_backend: str | None  # None: the best one for the device, chosen where the worker runs
+    # EngineConfig's fields of the same names, checked there; no defaults here, so each has one (EngineConfig's)
+    cuda_graphs: str
+    cuda_graph_sizes: tuple[int, ...] | None
+    cuda_graph_memory_mb: float
+    fused_layers: str
     host_prefix_cache_size: int = 1024
     cpu_kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
-
-
-@dataclass
-class SeqState:
-    tokens: list[int]
-    prompt_len: int
-    prefix_len: int
-    computed: int
-    table: list[int]
-    sampling: dict
-    index: int
-    fork_ids: list[int] = field(default_factory=list)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -67,9 +63,11 @@ class Worker:
         self.kv_cache.num_blocks = num_blocks
         # Chosen here, not in the engine: a Ray worker may see a GPU that the engine's process does not.
         self.attention_backend = config.attention_backend or default_backend_name(config.device)
-        self.runner = ModelRunner(model, spec, self.kv_cache, self.attention_backend, scratch_block=num_blocks)
+        graphs = CudaGraphConfig(config.cuda_graphs, config.cuda_graph_sizes, config.cuda_graph_memory_mb)
+        self.runner = ModelRunner(model, spec, self.kv_cache, self.attention_backend, scratch_block=num_blocks,
+                                  cuda_graphs=graphs, fused_layers=config.fused_layers)
         self.host_prefixes = HostPrefixCache(config.host_prefix_cache_size)
-        self.seqs: dict[int, SeqState] = {}
+        self.seqs: dict[int, SequenceState] = {}  # what the engine sent, kept current as tokens are added
 
     def _num_blocks_from_memory(self, dtype: torch.dtype) -> int:
         """CPU: a fixed budget. CUDA: what is left of gpu_memory_utilization x total after the weights load,
@@ -87,85 +85,82 @@ class Worker:
                                " Lower the model size or raise gpu_memory_utilization.")
         return budget // per_block
 
+    def info(self) -> bytes:
+        return WorkerInfo(self.kv_cache.num_blocks, self.attention_backend).encode()
+
     def execute(self, data: bytes) -> bytes:
-        msg = messages.unpack(data)
-        for seq_id in msg.get("drop", ()):
+        """Run one step (see `engine.step_messages` for what it holds and in which order it is done)."""
+        msg = StepMessage.decode(data)
+        for key in msg.forget_prefixes:
+            self.host_prefixes.discard(key)
+        for seq_id in msg.drop:
             self.seqs.pop(seq_id, None)
-        load_seconds, failed = [], {}
-        for load in msg.get("prefix_loads", ()):
+        result = StepResult()
+        for load in msg.prefix_loads:
             try:
-                load_seconds.append(self._materialize_prefix(load))
+                result.load_seconds.append(self._materialize_prefix(load))
             except Exception as exc:  # noqa: BLE001 - the requests on this prefix fail; the step goes on
-                failed[load["name"]] = f"{type(exc).__name__}: {exc}"
-        self.kv_cache.copy_blocks([tuple(p) for p in msg.get("copies", ())])
-        entries = msg.get("seqs", ())
-        if failed:
-            entries = [e for e in entries if not (e.get("new") and e.get("prefix") in failed)]
+                result.failed_loads[load.key] = f"{type(exc).__name__}: {exc}"
+        self.kv_cache.copy_blocks(msg.copies)
+        entries = msg.seqs
+        if result.failed_loads:
+            entries = [e for e in entries if not (e.state is not None and e.state.prefix in result.failed_loads)]
         scheduled = [self._update_state(entry) for entry in entries]
-        steps = msg.get("steps", 1)
-        if not scheduled:
-            sampled = []
-        elif steps > 1:
-            sampled = self._run_decode(scheduled, [entry.get("k", steps) for entry in entries])
-        else:
-            sampled = self._run(scheduled)
-        return messages.pack({"sampled": sampled, "load_seconds": load_seconds, "failed_loads": failed})
+        if scheduled and msg.num_steps > 1:
+            result.sampled = self._run_decode(scheduled, [entry.num_steps or msg.num_steps for entry in entries])
+        elif scheduled:
+            result.sampled = self._run(scheduled)
+        return result.encode()
 
-    def forget_prefix(self, key: str) -> None:
-        """Called when a prefix registration is unloaded or replaced: drop its host copy."""
-        self.host_prefixes.discard(key)
-
-    def _materialize_prefix(self, load: dict) -> float:
+    def _materialize_prefix(self, load: PrefixLoad) -> float:
         start = time.perf_counter()
         dtype = self.kv_cache.data.dtype
 
         def read() -> torch.Tensor:
-            kv = read_prefix_kv(load["path"], self.spec, dtype)
-            if kv.shape[2] != load["num_tokens"]:  # the file was replaced since it was registered
+            kv = read_prefix_kv(load.path, self.spec, dtype)
+            if kv.shape[2] != load.num_tokens:  # the file was replaced since it was registered
                 raise ValueError(f"its tensor holds {kv.shape[2]} virtual tokens, but it was registered with "
-                                 f"{load['num_tokens']}")
+                                 f"{load.num_tokens}")
             return kv
 
-        kv = self.host_prefixes.get(load["name"], read)
-        self.kv_cache.write_prefix(kv, load["blocks"])
+        kv = self.host_prefixes.get(load.key, read)
+        self.kv_cache.write_prefix(kv, load.block_ids)
         return time.perf_counter() - start
 
-    def _update_state(self, entry: dict) -> tuple[int, SeqState, int]:
-        if entry.get("new"):
-            state = SeqState(entry["tokens"], entry["prompt_len"], entry["prefix_len"], entry["computed"],
-                             entry["table"], entry["sampling"], entry["index"], entry.get("fork_ids", []))
-            self.seqs[entry["id"]] = state
+    def _update_state(self, entry: ScheduledSequence) -> tuple[int, SequenceState, int]:
+        if entry.state is not None:
+            state = self.seqs[entry.seq_id] = entry.state
         else:
-            state = self.seqs[entry["id"]]
-            if "table_from" in entry:
-                del state.table[entry["table_from"]:]
-                state.table.extend(entry["table_tail"])
-        return entry["id"], state, entry["n"]
+            state = self.seqs[entry.seq_id]
+            if entry.table_from is not None:
+                del state.block_table[entry.table_from:]
+                state.block_table.extend(entry.table_tail)
+        return entry.seq_id, state, entry.num_tokens
 
-    def _run(self, scheduled: list[tuple[int, SeqState, int]]) -> list:
+    def _run(self, scheduled: list[tuple[int, SequenceState, int]]) -> list:
         block_size = self.config.block_size
         step = StepInputs([], [], [], [], [], [], [])
         ids, positions, slots = step.input_ids, step.positions, step.slot_mapping
-        to_sample: list[tuple[int, SeqState]] = []
+        to_sample: list[tuple[int, SequenceState]] = []
         rows: list[SampleRow | None] = []
         for seq_id, state, num_new in scheduled:
-            start = state.computed  # KV-stream index of the first new token; also its position id
+            start = state.num_computed  # KV-stream index of the first new token; also its position id
             end = start + num_new
-            table = state.table
+            table = state.block_table
+            first = token_index(state.prefix_len, start)
             if num_new == 1:  # decode: the common case, kept free of ranges and generators
-                ids.append(state.tokens[start - state.prefix_len])
+                ids.append(state.tokens[first])
                 positions.append(start)
-                slots.append(table[start // block_size] * block_size + start % block_size)
+                slots.append(slot_of(table, start, block_size))
             else:
-                first = start - state.prefix_len
                 ids.extend(state.tokens[first:first + num_new])
                 positions.extend(range(start, end))
                 extend_slots(slots, table, start, end, block_size)
             step.query_lens.append(num_new)
             step.seq_lens.append(end)
             step.block_tables.append(table)
-            state.computed = end
-            if end == state.prefix_len + len(state.tokens):
+            state.num_computed = end
+            if token_index(state.prefix_len, end) == len(state.tokens):
                 step.sample_rows.append(len(ids) - 1)
                 to_sample.append((seq_id, state))
                 rows.append(_sample_row(state))
@@ -174,18 +169,17 @@ class Worker:
             return []
         results = []
         for (seq_id, state), toks in zip(to_sample, sample(logits, rows)):
-            if state.fork_ids:
-                for offset, (child_id, token) in enumerate(zip(state.fork_ids, toks[1:]), start=1):
-                    # a child of an n > 1 request: the same prompt and blocks, its own first token
-                    self.seqs[child_id] = SeqState(state.tokens + [token], state.prompt_len, state.prefix_len,
-                                                   state.computed, list(state.table), state.sampling,
-                                                   state.index + offset)
-                state.fork_ids = []
+            for child_id, offset, token in fork_children(state.fork_ids, toks[1:]):
+                # a child of an n > 1 request: the same prompt and blocks, its own first token
+                self.seqs[child_id] = SequenceState(
+                    state.tokens + [token], state.prompt_len, state.prefix_len, state.num_computed,
+                    list(state.block_table), state.sampling, state.sample_index + offset, [], state.prefix)
+            state.fork_ids = []
             state.tokens.append(toks[0])
             results.append([seq_id, toks])
         return results
 
-    def _run_decode(self, scheduled: list[tuple[int, SeqState, int]], lengths: list[int]) -> list:
+    def _run_decode(self, scheduled: list[tuple[int, SequenceState, int]], lengths: list[int]) -> list:
         """A decode run (see scheduler.py): forwards back to back, each one's input tokens the previous one's
         samples, which stay on the device. Row r takes part in the first lengths[r] forwards, then leaves the
         batch. The host reads the tokens once, at the end."""
@@ -193,9 +187,9 @@ class Worker:
         states = [state for _, state, _ in scheduled]
         active = list(range(len(states)))  # rows in this forward, in batch order
         pick = RunSampler([state.sampling for state in states], self.runner.device)
-        first_ids = [state.tokens[state.computed - state.prefix_len] for state in states]
-        tables = [state.table for state in states]
-        starts = [state.computed for state in states]
+        first_ids = [state.tokens[token_index(state.prefix_len, state.num_computed)] for state in states]
+        tables = [state.block_table for state in states]
+        starts = [state.num_computed for state in states]
         ones, rows = [1] * len(states), list(range(len(states)))
         forwards, previous = [], None  # (rows, their sampled tokens on the device) per forward
         ends = set(lengths)  # the forwards before which some rows leave
@@ -209,7 +203,7 @@ class Worker:
                 first_ids, tables, starts = ([values[j] for j in keep] for values in (first_ids, tables, starts))
                 ones, rows = ones[:len(active)], rows[:len(active)]
             positions = [start + i for start in starts]
-            slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)]
+            slots = [slot_of(table, p, block_size) for table, p in zip(tables, positions)]
             step = StepInputs(first_ids, positions, slots, ones, [p + 1 for p in positions], tables, rows)
             previous = pick(self.runner.execute(step, input_ids=previous))
             forwards.append((active, previous))
@@ -227,7 +221,7 @@ class Worker:
         results = []
         for (seq_id, state, _), toks in zip(scheduled, per_row):
             state.tokens.extend(toks)
-            state.computed += len(toks)
+            state.num_computed += len(toks)
             results.append([seq_id, toks])
         return results
 
@@ -236,16 +230,16 @@ class RunSampler:
     """logits -> tokens on the device for a decode run: argmax when every row is greedy, else per-row
     temperature / top-k / top-p (the scheduler puts no seeded sampling row in a run)."""
 
-    def __init__(self, settings: list[dict], device: torch.device):
-        self.greedy = all(s["temperature"] == 0 for s in settings)
+    def __init__(self, settings: list[SamplingSettings], device: torch.device):
+        self.greedy = all(s.temperature == 0 for s in settings)
         if self.greedy:
             return
-        assert all(s["seed"] is None or s["temperature"] == 0 for s in settings), "seeded row in a decode run"
+        assert all(s.seed is None or s.temperature == 0 for s in settings), "seeded row in a decode run"
         # once per run, from pageable memory: the driver stages the source before the call returns
         self.temperature, self.top_k, self.top_p = (
-            torch.tensor([s[key] for s in settings], dtype=dtype).to(device, non_blocking=True)
+            torch.tensor([getattr(s, key) for s in settings], dtype=dtype).to(device, non_blocking=True)
             for key, dtype in (("temperature", torch.float32), ("top_k", torch.long), ("top_p", torch.float32)))
-        self.filtered = any(s["temperature"] != 0 and (s["top_k"] > 0 or s["top_p"] < 1) for s in settings)
+        self.filtered = any(s.temperature != 0 and (s.top_k > 0 or s.top_p < 1) for s in settings)
 
     def select(self, index: torch.Tensor) -> "RunSampler":
         """This sampler for the rows `index` (a device tensor) only, without a trip through the host."""
@@ -260,21 +254,10 @@ class RunSampler:
         return sample_on_device(logits, self.temperature, self.top_k, self.top_p, self.filtered)
 
 
-def extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
-    """Append the cache slots of KV-stream indices start .. end - 1: one range per block, not one sum per token
-    (a long prefill chunk has thousands of tokens and a handful of blocks)."""
-    while start < end:
-        block = start // block_size
-        stop = min(end, (block + 1) * block_size)
-        offset = (table[block] - block) * block_size  # slot of index i in this block: offset + i
-        slots.extend(range(offset + start, offset + stop))
-        start = stop
-
-
-def _sample_row(state: SeqState) -> SampleRow | None:
+def _sample_row(state: SequenceState) -> SampleRow | None:
     """None for a plain greedy row (the sampler's fast path); otherwise the row's sampling settings."""
     s = state.sampling
-    if s["temperature"] == 0 and not state.fork_ids:
+    if s.temperature == 0 and not state.fork_ids:
         return None
-    return SampleRow(s["temperature"], s["top_p"], s["top_k"], s["seed"], state.index,
+    return SampleRow(s.temperature, s.top_p, s.top_k, s.seed, state.sample_index,
                      len(state.tokens) - state.prompt_len, 1 + len(state.fork_ids))

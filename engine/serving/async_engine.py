@@ -15,6 +15,9 @@ import multiprocessing
 import queue
 import threading
 import time
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
@@ -62,22 +65,121 @@ class RequestUpdate:
     error: dict | None = None  # the engine died, or this request failed: {"status", "type", "message"}
 
 
+class StopPrefixAutomaton:
+    """How much of a growing text's end could begin a stop string, kept up to date character by character.
+
+    An Aho-Corasick automaton over one request's stop strings, built only as far as its outputs lead it and shared
+    by its samples (each keeps its own state). A node is a prefix of some stop: it is named by the first sorted
+    stop that has it and its length (packed in one int), and the sorted stops that have it form a range, so a
+    child is two binary searches on one character, with no copy of the text. A sample's state is the longest end
+    of its text that is a node. Each node, once reached, keeps its failure link (its longest proper end that is a
+    node) and its hold: the longest end of it, itself included, that is a *proper* prefix of a stop (text that
+    ends a whole stop is the engine's to cut).
+
+    Cost: amortized O(log stops) per character, plus linking each node the first time a text reaches it, at most
+    once per node of the stops' trie. A request's total is thus bounded by its outputs' length plus its stops'
+    total length, however the stops are arranged (a scan per token cost stops x held text^2, on every token). The
+    tables are flat arrays of 3 ints per prefix length, allocated per stop as the text first reaches it.
+    """
+
+    ROOT = 0  # the empty prefix: first stop 0, length 0
+    _UNKNOWN = -1
+
+    def __init__(self, stops: Iterable[str]):
+        self._stops = sorted(set(stops))
+        self._stride = max(map(len, self._stops)) + 1
+        # per first stop: (failure link, hold, end of the stops' range) for each prefix length of it
+        self._tables: dict[int, array] = {}
+        self._record(self.ROOT, link=self.ROOT, hold=0)
+        self._table(0)[2] = len(self._stops)
+
+    def advance(self, state: int, text: str) -> int:
+        """The state after `state` reads `text`."""
+        for char in text:
+            state = self._step(state, char)
+        return state
+
+    def hold(self, state: int) -> int:
+        """How many characters at the end of the text read so far could begin a stop string."""
+        first, length = divmod(state, self._stride)
+        return self._tables[first][3 * length + 1]
+
+    def _step(self, node: int, char: str) -> int:
+        """The state after `char`. Nodes reached for the first time are ends of the new text, found longest first
+        on the way down the old state's failure chain; each links to the next one found."""
+        new = []
+        known = self.ROOT
+        while True:
+            child = self._child(node, char)
+            if child is not None:
+                if self._link(child) != self._UNKNOWN:  # its failure chain, and so the rest of the new one, is known
+                    known = child
+                    break
+                new.append(child)
+            if node == self.ROOT:
+                break
+            node = self._link(node)
+        link = known
+        for node in reversed(new):
+            self._record(node, link, node % self._stride if self._is_proper(node) else self.hold(link))
+            link = node
+        return link
+
+    def _child(self, node: int, char: str) -> int | None:
+        first, length = divmod(node, self._stride)
+        end = self._tables[first][3 * length + 2]
+
+        def next_char(stop: str) -> str:  # "" for the stop that is the node itself: it sorts first
+            return stop[length:length + 1]
+
+        child_first = bisect_left(self._stops, char, first, end, key=next_char)
+        if child_first == end or next_char(self._stops[child_first]) != char:
+            return None
+        table, slot = self._table(child_first), 3 * (length + 1) + 2
+        if table[slot] == self._UNKNOWN:
+            table[slot] = bisect_right(self._stops, char, child_first, end, key=next_char)
+        return child_first * self._stride + length + 1
+
+    def _is_proper(self, node: int) -> bool:
+        """Whether some stop is longer than this prefix: the first stop is, or others share the prefix."""
+        first, length = divmod(node, self._stride)
+        return len(self._stops[first]) > length or self._tables[first][3 * length + 2] > first + 1
+
+    def _link(self, node: int) -> int:
+        first, length = divmod(node, self._stride)
+        return self._tables[first][3 * length]
+
+    def _record(self, node: int, link: int, hold: int) -> None:
+        first, length = divmod(node, self._stride)
+        table = self._table(first)
+        table[3 * length], table[3 * length + 1] = link, hold
+
+    def _table(self, first: int) -> array:
+        table = self._tables.get(first)
+        if table is None:
+            table = self._tables[first] = array("i", [self._UNKNOWN]) * (3 * (len(self._stops[first]) + 1))
+        return table
+
+
 class IncrementalDetokenizer:
     """Text deltas from token deltas without re-decoding the whole output each time.
 
     Decodes a window that starts one step back (so tokenizers that drop or merge leading spaces see their
     context), and holds back text that ends in a partial character, or whose end is the start of a stop string
-    (only that end: text that cannot begin a stop string is sent at once).
+    (only that end: text that cannot begin a stop string is sent at once). A StopPrefixAutomaton over the
+    request's stop strings finds that end, so many long stop strings cannot hold up the reader thread that serves
+    every stream.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop_prefixes: StopPrefixAutomaton | None = None):
         self.tokenizer = tokenizer
-        self.stops = stops
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
         self._prefix_offset = 0
         self._read_offset = 0
+        self._stop_prefixes = stop_prefixes
+        self._stop_state = StopPrefixAutomaton.ROOT
 
     def add(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
@@ -85,24 +187,17 @@ class IncrementalDetokenizer:
         before = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
         after = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            new_text = after[len(before):]
+            self.text += new_text
+            if self._stop_prefixes is not None:
+                self._stop_state = self._stop_prefixes.advance(self._stop_state, new_text)
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-        upto = max(self.sent, len(self.text) - self._stop_start(self.text))
+        # Text once sent could not begin a stop string, and text added since only extends it, so the held end
+        # always lies within the unsent text.
+        held = self._stop_prefixes.hold(self._stop_state) if self._stop_prefixes is not None else 0
+        upto = max(self.sent, len(self.text) - held)
         delta, self.sent = self.text[self.sent:upto], upto
         return delta
-
-    def _stop_start(self, text: str) -> int:
-        """The length of the longest end of `text` that is a proper prefix of a stop string (0 when none is).
-
-        Only the unsent end is searched: text already sent could not begin a stop string then, and text added
-        since only extends it, so it cannot now. That keeps a token's cost to the stops times the held text."""
-        longest = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text) - self.sent), longest, -1):
-                if text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
 
     def finish(self, final_text: str) -> str:
         """The rest of the engine's final text (which has stop strings cut) after what was already sent."""
@@ -119,7 +214,7 @@ class _RequestState:
     sink: asyncio.Queue
     tag: object
     stream: bool
-    stops: tuple[str, ...]
+    stop_prefixes: StopPrefixAutomaton | None  # shared by the request's samples
     detok: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
 
 
@@ -201,11 +296,12 @@ class AsyncEngineClient:
         if self.dead is not None:
             raise EngineDeadError(f"The engine process is not running ({self.dead}).")
         try:
-            data = pack({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": _wire(params),
+            data = pack({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": params,
                          "prefix": prefix})
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. a token id beyond 64 bits
             raise InvalidPromptError(f"The request holds a value that cannot be sent to the engine: {exc}.") from None
-        self._requests[request_id] = _RequestState(sink, tag, stream, tuple(params.stop_strings))
+        stop_prefixes = StopPrefixAutomaton(params.stop_strings) if stream and params.stop_strings else None
+        self._requests[request_id] = _RequestState(sink, tag, stream, stop_prefixes)
         future = self._loop.create_future()
         self._pending[request_id] = future
         self._out.put(data)
@@ -266,9 +362,11 @@ class AsyncEngineClient:
                                                 msg.get("load_seconds", ()), msg.get("step_seconds"))
         except (EOFError, OSError):
             pass
-        except RuntimeError:  # the event loop closed: the server is shutting down
-            return
-        except Exception:  # noqa: BLE001 - a protocol error: treat the engine as gone
+        except Exception as exc:  # noqa: BLE001 - a protocol error: treat the engine as gone
+            # call_soon_threadsafe raises RuntimeError once the server has closed its loop, and then there is no one
+            # left to tell. EngineProtocolError is a RuntimeError too, so the loop's state decides, not the type.
+            if isinstance(exc, RuntimeError) and self._loop.is_closed():
+                return
             logger.exception("engine reader failed")
             reason = "the engine sent a message this frontend cannot read"
         try:
@@ -297,7 +395,7 @@ class AsyncEngineClient:
         if state.stream and self.decode_tokenizer is not None:
             detok = state.detok.get(index)
             if detok is None:
-                detok = state.detok[index] = IncrementalDetokenizer(self.decode_tokenizer, state.stops)
+                detok = state.detok[index] = IncrementalDetokenizer(self.decode_tokenizer, state.stop_prefixes)
             # The finishing update's tokens may run past a stop string: take the rest from the engine's text.
             text = detok.add(token_ids) if final_text is None else detok.finish(final_text)
         elif final_text is not None:
@@ -330,10 +428,3 @@ class AsyncEngineClient:
             state.sink.put_nowait(RequestUpdate(request_id, state.tag, [], True, time.monotonic(), error))
         self._requests.clear()
         self.dead_event.set()
-
-
-def _wire(params: SamplingParams) -> dict:
-    """SamplingParams as constructor keywords; the engine process rebuilds (and re-validates) it."""
-    return {"n": params.n, "max_tokens": params.max_tokens, "temperature": float(params.temperature),
-            "top_p": float(params.top_p), "top_k": params.top_k, "seed": params.seed, "stop": params.stop_strings,
-            "stop_token_ids": params.stop_token_ids, "ignore_eos": params.ignore_eos}

@@ -1,12 +1,13 @@
 """The engine loop in its own process: drains frontend messages, steps the EngineCore, sends back what changed.
 
-The HTTP frontend (`engine.serving.async_engine`) and this loop talk over two pipes with versioned msgpack messages.
+The HTTP frontend (`engine.serving.async_engine`) and this loop talk over two pipes with versioned msgpack
+messages, encoded by the project's one codec (`engine.wire`: each message is [version, map]).
 The loop never waits on HTTP work: it reads only what has already arrived (`poll(0)`) and hands its outgoing
 messages to a sender thread, so a slow or stalled frontend cannot hold a step back. It blocks only when it has
 nothing to run.
 
-Frontend -> engine, version 1 (every message also has "v": 1):
-  {"op": "add", "id", "tokens": [int], "params": {SamplingParams fields}, "prefix": str | None}
+Frontend -> engine, version 2:
+  {"op": "add", "id", "tokens": [int], "params": SamplingParams (as its field list), "prefix": str | None}
   {"op": "abort", "ids": [request_id, ...]}
   {"op": "call", "call_id": int, "method": str, "args": {...}}    methods: see EngineLoop._call_*
   {"op": "shutdown"}
@@ -37,29 +38,25 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
-
+from engine import wire
 from engine.config import EngineConfig
 from engine.errors import PrefixLoadError, PrefixServeError
+from engine.peft_format import ADAPTER_CONFIG
 from engine.sampling_params import SamplingParams
+from engine.wire import ProtocolError as EngineProtocolError  # a message with the wrong version or shape
 
-VERSION = 1
+VERSION = 2
 logger = logging.getLogger("prefix_serve.engine_process")
 
 
-class EngineProtocolError(RuntimeError):
-    """A message from the other side has the wrong version or shape."""
-
-
 def pack(message: dict) -> bytes:
-    return msgpack.packb({**message, "v": VERSION}, use_bin_type=True)
+    return wire.encode(message, VERSION)
 
 
 def unpack(data: bytes) -> dict:
-    message = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if not isinstance(message, dict) or message.get("v") != VERSION:
-        got = message.get("v") if isinstance(message, dict) else type(message).__name__
-        raise EngineProtocolError(f"engine message version {got!r}, but this side speaks version {VERSION}")
+    message = wire.decode(data, VERSION)
+    if not isinstance(message, dict):
+        raise EngineProtocolError(f"an engine message must be a map, got {type(message).__name__}")
     return message
 
 
@@ -188,7 +185,7 @@ class EngineLoop:
     def _add(self, msg: dict) -> None:
         request_id = msg["id"]
         try:
-            params = SamplingParams(**msg["params"])
+            params = wire.build(SamplingParams, msg["params"])  # validated again here
             prefix = msg.get("prefix")
             if prefix is not None and prefix not in self.engine.registry:
                 self._register_lazily(prefix)
@@ -207,7 +204,7 @@ class EngineLoop:
             return
         for root in self.options.prefix_dirs:
             candidate = Path(root) / name
-            if (candidate / "adapter_config.json").is_file():
+            if (candidate / ADAPTER_CONFIG).is_file():
                 self.engine.load_prefix(name, str(candidate))
                 return
 

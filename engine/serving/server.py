@@ -366,7 +366,11 @@ class OpenAIServer:
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from dataclasses import fields
+
+    from engine.config import EngineConfig
     from workers.attention import available_backends
+    from workers.cuda_graphs import DEFAULT_BATCH_SIZES
 
     parser = subparsers.add_parser(
         "serve", help="Run the OpenAI-compatible HTTP server.",
@@ -400,36 +404,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           help="Allow /v1/load_prefix paths under DIR without registering its contents. "
                                "Repeatable. With neither this nor --prefix-dir, loading by path is refused (403).")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu).")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto (the default): float32 on CPU, bfloat16 on CUDA.")
-    engine.add_argument("--executor", default="inprocess", choices=["inprocess", "ray"],
-                        help="Where the model worker runs: inside the engine process (default), or as a Ray "
-                             "actor (ray.init() honours $RAY_ADDRESS).")
-    engine.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block (default: 16).")
-    engine.add_argument("--num-kv-blocks", type=int, default=None,
+    # each option sets the EngineConfig field of its name (_engine_config), and takes that field's default
+    default = {f.name: f.default for f in fields(EngineConfig)}
+    engine.add_argument("--device", default=default["device"], help="cpu, cuda or cuda:N (default: %(default)s).")
+    engine.add_argument("--dtype", default=default["dtype"], choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: float32 on CPU, bfloat16 on CUDA (default: %(default)s).")
+    engine.add_argument("--executor", default=default["executor"], choices=["inprocess", "ray"],
+                        help="Where the model worker runs: inside the engine process (inprocess), or as a Ray "
+                             "actor (ray; ray.init() honours $RAY_ADDRESS) (default: %(default)s).")
+    engine.add_argument("--block-size", type=int, default=default["block_size"],
+                        help="Tokens per KV-cache block (default: %(default)s).")
+    engine.add_argument("--num-kv-blocks", type=int, default=default["num_kv_blocks"],
                         help="KV-cache size in blocks (default: sized from memory).")
-    engine.add_argument("--max-num-seqs", type=int, default=256,
-                        help="Most sequences in one batch (default: 256).")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                        help="Token budget of one step (default: 2048).")
-    engine.add_argument("--max-model-len", type=int, default=None,
+    engine.add_argument("--max-num-seqs", type=int, default=default["max_num_seqs"],
+                        help="Most sequences in one batch (default: %(default)s).")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=default["max_num_batched_tokens"],
+                        help="Token budget of one step (default: %(default)s).")
+    engine.add_argument("--max-model-len", type=int, default=default["max_model_len"],
                         help="Context limit for prefix + prompt + output (default: the model's, capped by the "
                              "KV cache and by a sliding attention window).")
-    engine.add_argument("--attention-backend", default=None, choices=available_backends(),
+    engine.add_argument("--attention-backend", default=default["attention_backend"], choices=available_backends(),
                         help="Attention kernel (default: the best available for the device).")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="Share of GPU memory for weights and KV cache (default: 0.9).")
-    engine.add_argument("--cpu-kv-cache-gb", type=float, default=2.0,
-                        help="KV-cache size on CPU, in GiB (default: 2).")
-    engine.add_argument("--host-prefix-cache-size", type=int, default=None,
+    engine.add_argument("--gpu-memory-utilization", type=float, default=default["gpu_memory_utilization"],
+                        help="Share of GPU memory for weights and KV cache (default: %(default)s).")
+    engine.add_argument("--cpu-kv-cache-gb", type=float, default=default["cpu_kv_cache_gb"],
+                        help="KV-cache size on CPU, in GiB (default: %(default)s).")
+    engine.add_argument("--host-prefix-cache-size", type=int, default=default["host_prefix_cache_size"],
                         help="Prefixes whose KV is kept in host memory, so one evicted from the device comes back "
                              "without a disk read (default: 1024 on GPUs, 0 on CPU, where the KV cache is host "
                              "memory already).")
-    engine.add_argument("--decode-steps", type=int, default=None,
+    engine.add_argument("--decode-steps", type=int, default=default["decode_steps"],
                         help="Decode steps run back to back on the device per engine step when nothing waiting "
                              "could start (not for requests with a seed); tokens then stream in groups of up to "
                              "this many (default: 16 on GPUs, 1 on CPU).")
+    engine.add_argument("--cuda-graphs", default=default["cuda_graphs"], choices=["auto", "on", "off"],
+                        help="Run pure-decode steps as CUDA graphs, one captured per batch size: auto (on CUDA "
+                             "devices), on (on a CPU too, re-running the captured function; for tests) or off "
+                             "(every step eager) (default: %(default)s).")
+    engine.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=default["cuda_graph_sizes"],
+                        metavar="B", help="Decode batch sizes to capture a CUDA graph for; a batch runs as the "
+                                          "smallest that holds it, one larger than all of them eagerly (default: "
+                                          f"{' '.join(map(str, DEFAULT_BATCH_SIZES))}).")
+    engine.add_argument("--cuda-graph-memory-mb", type=float, default=default["cuda_graph_memory_mb"],
+                        metavar="MB", help="Capture no further CUDA graph once the graphs hold this much device "
+                                           "memory, in MiB; the sizes left run eagerly (default: %(default)s).")
+    engine.add_argument("--fused-layers", default=default["fused_layers"], choices=["auto", "on", "off"],
+                        help="Run Llama, Mistral and Qwen2 decoder layers with fused kernels (about 9 per layer "
+                             "instead of 40): auto (on CUDA devices), on (on a CPU too, with torch ops; for tests) "
+                             "or off (Hugging Face's layers) (default: %(default)s).")
     parser.set_defaults(func=run)
     return parser
 
@@ -446,17 +468,15 @@ def _prefix_dirs(args) -> list[str]:
 
 
 def _engine_config(args, prefix_dirs: list[str]):
+    from dataclasses import fields
+
     from engine.config import EngineConfig
 
-    return EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        executor=args.executor, attention_backend=args.attention_backend,
-        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
-        host_prefix_cache_size=args.host_prefix_cache_size, decode_steps=args.decode_steps,
-        allowed_prefix_roots=tuple([d for d in prefix_dirs if d != str(DEMO_PREFIX_DIR)]
-                                   + [str(Path(r).resolve()) for r in args.allowed_prefix_root]))
+    # every option named after an EngineConfig field sets it (add_parser); the prefix roots are derived
+    settings = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    roots = [d for d in prefix_dirs if d != str(DEMO_PREFIX_DIR)] + [str(Path(r).resolve())
+                                                                     for r in args.allowed_prefix_root]
+    return EngineConfig(**settings, allowed_prefix_roots=tuple(roots))
 
 
 def run(args) -> int:

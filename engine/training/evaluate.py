@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import PrefixServeError
+from engine.peft_format import ADAPTER_CONFIG, prefix_tensor_shape
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,10 @@ def adapter_share(adapter_dir: str, total_params: int) -> str:
     if log.is_file():
         trainable = json.loads(log.read_text())["result"]["trainable_params"]
     else:
-        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-        trainable = config["num_virtual_tokens"] * config["num_layers"] * 2 * config["token_dim"]
+        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+        kv_heads = config["num_attention_heads"]  # PEFT's name for the KV heads
+        trainable = math.prod(prefix_tensor_shape(config["num_virtual_tokens"], config["num_layers"], kv_heads,
+                                                  config["token_dim"] // kv_heads))
     return f"{trainable:,} ({100.0 * trainable / total_params:.3f}%)"
 
 

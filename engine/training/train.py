@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.errors import PrefixServeError
+from engine.peft_format import kv_to_prefix
 
 EMBEDDED_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # recorded in adapters trained on the embedded default
 
@@ -266,9 +267,9 @@ def prefix_from_text(base_model, tokenizer, text: str, num_virtual_tokens: int):
     ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
     with torch.no_grad():
         cache = base_model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
-    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, kv_heads, P, head_dim]
-    stacked = torch.cat(per_layer)  # [2L, kv_heads, P, head_dim]; index 2l is layer l's keys, 2l+1 its values
-    return stacked.permute(2, 0, 1, 3).reshape(num_virtual_tokens, -1)
+    # [L, 2, P, kv_heads, head_dim]: each layer's keys and values, as the engine's cache holds a prefix
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]).transpose(1, 2) for layer in cache.layers])
+    return kv_to_prefix(kv)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -314,7 +315,8 @@ def train(options: TrainOptions) -> TrainResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.model_loader import ModelSpec, resolve_model_path
+    from engine.model_loader import resolve_model_path
+    from engine.model_spec import ModelSpec
 
     _check_options(options)
     model_dir = resolve_model_path(options.model)

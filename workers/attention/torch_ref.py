@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.attention.base import AttentionBackend, AttentionMetadata
+from workers.kv_cache import slot_of
 
 
 @dataclass
@@ -26,8 +27,7 @@ class _Plan:
 
 def sequence_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """Flat cache slots of a sequence's first `length` tokens: [length] int64."""
-    idx = torch.arange(length, device=block_table.device)
-    return block_table.long()[idx // block_size] * block_size + idx % block_size
+    return slot_of(block_table.long(), torch.arange(length, device=block_table.device), block_size)
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -55,8 +55,8 @@ class TorchPagedAttention(AttentionBackend):
         rows = torch.tensor(decode_idx, dtype=torch.long, device=device)
         max_len = max(meta.seq_lens_list[s] for s in decode_idx)
         idx = torch.arange(max_len, device=device)
-        tables = meta.block_tables.long()[rows][:, idx // meta.block_size]
-        slots = (tables * meta.block_size + idx % meta.block_size).view(-1)
+        tables = meta.block_tables.long()[rows]
+        slots = torch.vmap(lambda table: slot_of(table, idx, meta.block_size))(tables).view(-1)
         mask = (idx[None, :] < meta.seq_lens.long()[rows][:, None]).view(len(decode_idx), 1, 1, max_len)
         packed_rows = meta.query_start_loc.long()[rows]
         return _Plan(packed_rows, slots, mask, prefills)
