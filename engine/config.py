@@ -43,7 +43,12 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's context length
-    executor: str = "inprocess"  # or "ray"
+    # where the model workers run: "inprocess" (one worker in this process), "mp" (one local process per rank) or
+    # "ray" (one Ray actor per rank). None: inprocess for one rank, mp for several
+    executor: str | None = None
+    tensor_parallel_size: int = 1  # ranks that split one model by attention head (workers/parallel.py)
+    # how the Ray executor places its ranks (a Ray placement-group strategy); ignored inside a caller's group
+    placement_strategy: str = "STRICT_PACK"
     attention_backend: str | None = None  # None: the best available for the device
     skip_tokenizer_init: bool = False
     gpu_memory_utilization: float = 0.9
@@ -73,8 +78,15 @@ class EngineConfig:
         self._check_numbers()
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise _bad("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
-        if self.executor not in ("inprocess", "ray"):
-            raise _bad("executor", f"must be 'inprocess' or 'ray', got {self.executor!r}.")
+        if self.executor not in (None, "inprocess", "mp", "ray"):
+            raise _bad("executor", f"must be 'inprocess', 'mp' or 'ray' (or None: chosen from "
+                                   f"tensor_parallel_size), got {self.executor!r}.")
+        if self.executor == "inprocess" and self.tensor_parallel_size > 1:
+            raise _bad("executor", f"'inprocess' runs one worker; tensor_parallel_size {self.tensor_parallel_size} "
+                                   "needs 'mp' (local processes) or 'ray'.")
+        if self.placement_strategy not in ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"):
+            raise _bad("placement_strategy", "must be STRICT_PACK, PACK, SPREAD or STRICT_SPREAD, got "
+                                             f"{self.placement_strategy!r}.")
         for name in ("cuda_graphs", "fused_layers"):
             mode = getattr(self, name)
             if not (isinstance(mode, str) and mode in ("auto", "on", "off")):
@@ -91,7 +103,7 @@ class EngineConfig:
         for name, least, optional in (("block_size", 1, False), ("max_num_seqs", 1, False),
                                       ("max_num_batched_tokens", 1, False), ("num_kv_blocks", 1, True),
                                       ("max_model_len", 1, True), ("decode_steps", 1, True),
-                                      ("host_prefix_cache_size", 0, True)):
+                                      ("host_prefix_cache_size", 0, True), ("tensor_parallel_size", 1, False)):
             value = getattr(self, name)
             if value is None and optional:
                 continue
@@ -113,6 +125,11 @@ class EngineConfig:
 
     def _store(self, name: str, value) -> None:
         object.__setattr__(self, name, value)  # the dataclass is frozen; only __post_init__ normalizes
+
+    def resolved_executor(self) -> str:
+        if self.executor is not None:
+            return self.executor
+        return "inprocess" if self.tensor_parallel_size == 1 else "mp"
 
     def resolved_decode_steps(self) -> int:
         if self.decode_steps is not None:

@@ -26,6 +26,7 @@ from scheduler.block_manager import BlockManager
 from scheduler.request import Request, Sequence, SequenceStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.executor import make_executor
+from workers.parallel import check_split
 from workers.worker import WorkerConfig
 
 logger = logging.getLogger("prefix_serve.engine")
@@ -53,7 +54,8 @@ class EngineCore:
 
         self.config = config
         self.model_path = resolve_model_path(config.model)
-        self.spec = ModelSpec.from_config(AutoConfig.from_pretrained(self.model_path))
+        hf_config = AutoConfig.from_pretrained(self.model_path)
+        self.spec = ModelSpec.from_config(hf_config)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             from transformers import AutoTokenizer
@@ -67,8 +69,11 @@ class EngineCore:
             cuda_graph_sizes=config.cuda_graph_sizes, cuda_graph_memory_mb=config.cuda_graph_memory_mb,
             fused_layers=config.fused_layers, host_prefix_cache_size=config.resolved_host_prefix_cache_size(),
             cpu_kv_cache_bytes=int(config.cpu_kv_cache_gb * (1 << 30)),
-            gpu_memory_utilization=config.gpu_memory_utilization)
-        self.executor = make_executor(config.executor, worker_config, self.spec)
+            gpu_memory_utilization=config.gpu_memory_utilization, tensor_parallel_size=config.tensor_parallel_size)
+        if config.tensor_parallel_size > 1:  # a bad split is refused here, before any worker starts
+            check_split(hf_config, config.tensor_parallel_size)
+        self.executor = make_executor(config.resolved_executor(), worker_config, self.spec,
+                                      config.placement_strategy)
         num_blocks = self.executor.info.num_blocks
         self.attention_backend = self.executor.info.attention_backend
         self.block_manager = BlockManager(num_blocks, config.block_size)
@@ -160,6 +165,11 @@ class EngineCore:
             raise PromptTooLongError(
                 f"The prompt has {len(prompt_token_ids)} tokens and the prefix {num_prefix_tokens}; together "
                 f"with one generated token that exceeds the maximum context of {self.max_model_len} tokens.")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:  # refused, as vLLM does, not capped
+            raise InvalidSamplingParamsError(
+                f"max_tokens={params.max_tokens} and the prompt's {len(prompt_token_ids)} tokens exceed the maximum "
+                f"context of {self.max_model_len} tokens: set max_tokens to at most "
+                f"{self.max_model_len - len(prompt_token_ids)} or shorten the prompt.")
         request = Request(request_id, prompt, prompt_token_ids, params, key, num_prefix_tokens, prefix_name=prefix)
         seq = Sequence(next(self._seq_ids), request, list(prompt_token_ids), needs_fork=params.n > 1,
                        fork_ids=[next(self._seq_ids) for _ in range(params.n - 1)])

@@ -26,8 +26,11 @@ def read_prefix_kv(path: str, spec: ModelSpec, dtype: torch.dtype) -> torch.Tens
 
 
 def slot_of(block_table, index, block_size: int):
-    """The cache slot of KV-stream index `index` of a sequence with this block table. Ints, or tensors of
-    indices with a tensor table: the slot arithmetic of every paged read and write."""
+    """The cache slot of KV-stream index `index` of a sequence with this block table: the slot arithmetic of
+    every paged read and write. Ints with a list table, or a tensor of indices with a tensor table of shape
+    [..., blocks] (several sequences' tables at once give [..., len(index)])."""
+    if isinstance(block_table, torch.Tensor):
+        return block_table[..., index // block_size] * block_size + index % block_size
     return block_table[index // block_size] * block_size + index % block_size
 
 

@@ -24,6 +24,7 @@ from workers.attention import AttentionBackend, AttentionMetadata, get_backend_c
 from workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, GraphStats, host_int32
 from workers.fused_decoder import make_fused_decoder
 from workers.kv_cache import KVCache
+from workers.parallel import ShardPlan, load_sharded_model
 
 ATTN_IMPLEMENTATION = "prefix_serve"
 logger = logging.getLogger("prefix_serve.model_runner")
@@ -83,11 +84,15 @@ class StepInputs:
     sample_rows: list[int]  # packed rows whose logits are sampled (a sequence's last token, when it has all)
 
 
-def load_model(model_path: str, dtype: torch.dtype, device: str):
+def load_model(model_path: str, dtype: torch.dtype, device: str, shard: ShardPlan | None = None):
+    """The Hugging Face model with our attention; with a `shard`, only that tensor-parallel rank's part of it."""
     from transformers import AutoModelForCausalLM
 
     register_attention()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    if shard is not None and shard.size > 1:
+        model = load_sharded_model(model_path, dtype, device, shard, ATTN_IMPLEMENTATION)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     config = model.config
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         from engine.errors import UnsupportedModelError
@@ -147,16 +152,20 @@ def flatten_tables(block_tables: list[list[int]], width: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, spec: ModelSpec, kv_cache: KVCache, backend_name: str,
-                 scratch_block: int | None = None, *, cuda_graphs: CudaGraphConfig, fused_layers: str):
+                 scratch_block: int | None = None, *, cuda_graphs: CudaGraphConfig, fused_layers: str,
+                 computes_logits: bool = True):
         """`scratch_block`: a cache block that no sequence owns, where padding rows of a CUDA-graph batch write;
         without one, every step runs eagerly. `cuda_graphs` and `fused_layers` (auto|on|off, see
-        `workers.fused_decoder`) come from EngineConfig, through the WorkerConfig."""
+        `workers.fused_decoder`) come from EngineConfig, through the WorkerConfig. `computes_logits` False: a
+        tensor-parallel rank other than 0, which runs the layers but not the LM head (rank 0 samples);
+        `execute` then returns None."""
         self.model = model
         self.spec = spec
         self.kv_cache = kv_cache
         self.device = kv_cache.data.device
         self.decoder = getattr(model, model.base_model_prefix)
         self.lm_head = model.get_output_embeddings()
+        self.computes_logits = computes_logits
         scale = spec.head_dim ** -0.5
         self.backend = get_backend_class(backend_name)(spec.num_heads, spec.num_kv_heads, spec.head_dim, scale)
         self.fused = make_fused_decoder(model, self.device, fused_layers)
@@ -193,6 +202,8 @@ class ModelRunner:
             ctx = StepContext(meta, self.kv_cache, self.backend)
             hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
                                   **{_STEP_KWARG: ctx}).last_hidden_state[0]  # [N, hidden]
+        if not self.computes_logits:
+            return None
         if rows is not None:
             hidden = hidden.index_select(0, rows)
         return self.lm_head(hidden).float().contiguous()  # CPU linears may return a transposed view

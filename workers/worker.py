@@ -6,6 +6,8 @@ Both hand it the encoded `StepMessage` of `engine.step_messages` and get back an
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from workers.attention import default_backend_name
 from workers.cuda_graphs import CudaGraphConfig
 from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, read_prefix_kv, slot_of
 from workers.model_runner import ModelRunner, StepInputs, load_model
+from workers.parallel import ShardPlan, broadcast_from_first
 from workers.sampler import SampleRow, sample, sample_on_device
 
 
@@ -39,14 +42,32 @@ class WorkerConfig:
     host_prefix_cache_size: int = 1024
     cpu_kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1  # ranks of one model; each worker is one rank (workers/parallel.py)
 
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+logger = logging.getLogger("prefix_serve.worker")
+
+
 class Worker:
-    def __init__(self, config: WorkerConfig, spec: ModelSpec):
+    """One rank of the model. With tensor parallelism its process group is already up (the executor starts it):
+    it holds its heads' shard of the weights and of every KV block, runs every step with the other ranks, and
+    rank 0 samples and shares the tokens."""
+
+    def __init__(self, config: WorkerConfig, spec: ModelSpec, rank: int = 0):
+        self.rank = rank
+        self.full_spec = spec  # the whole model's shape; prefix files hold every KV head
+        self.shard = None
+        if config.tensor_parallel_size > 1:
+            from transformers import AutoConfig
+
+            self.shard = ShardPlan.of(AutoConfig.from_pretrained(config.model_path), rank,
+                                      config.tensor_parallel_size)
+            spec = self.shard.local_spec(spec)  # this rank's heads: its KV cache and attention see only these
+            config = self._eager_only(config)
         self.config = config
         self.spec = spec
         if str(config.device).startswith("cuda") and not torch.cuda.is_available():
@@ -55,7 +76,7 @@ class Worker:
             raise InvalidConfigError(f"device {config.device!r} asks for a GPU, but this torch ({torch.__version__}) "
                                      f"sees none. {fix}, or use device 'cpu'.")
         dtype = _dtype(config.dtype)
-        model = load_model(config.model_path, dtype, config.device)
+        model = load_model(config.model_path, dtype, config.device, self.shard)
         num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
         # One block more than the engine manages: the model runner's scratch block, which the padding rows of a
         # CUDA-graph decode batch write to. kv_cache.num_blocks stays the count the engine may hand out.
@@ -65,9 +86,18 @@ class Worker:
         self.attention_backend = config.attention_backend or default_backend_name(config.device)
         graphs = CudaGraphConfig(config.cuda_graphs, config.cuda_graph_sizes, config.cuda_graph_memory_mb)
         self.runner = ModelRunner(model, spec, self.kv_cache, self.attention_backend, scratch_block=num_blocks,
-                                  cuda_graphs=graphs, fused_layers=config.fused_layers)
+                                  cuda_graphs=graphs, fused_layers=config.fused_layers, computes_logits=rank == 0)
         self.host_prefixes = HostPrefixCache(config.host_prefix_cache_size)
         self.seqs: dict[int, SequenceState] = {}  # what the engine sent, kept current as tokens are added
+
+    def _eager_only(self, config: WorkerConfig) -> WorkerConfig:
+        """Tensor-parallel ranks run Hugging Face's layers eagerly: the fused layers and the CUDA graphs do not
+        contain the all-reduces yet."""
+        if str(config.device).startswith("cuda") and self.rank == 0 and "off" not in (config.cuda_graphs,
+                                                                                     config.fused_layers):
+            logger.info("tensor_parallel_size %d: CUDA graphs and fused layers are off; every step runs eagerly.",
+                        config.tensor_parallel_size)
+        return dataclasses.replace(config, cuda_graphs="off", fused_layers="off")
 
     def _num_blocks_from_memory(self, dtype: torch.dtype) -> int:
         """CPU: a fixed budget. CUDA: what is left of gpu_memory_utilization x total after the weights load,
@@ -117,10 +147,12 @@ class Worker:
         dtype = self.kv_cache.data.dtype
 
         def read() -> torch.Tensor:
-            kv = read_prefix_kv(load.path, self.spec, dtype)
+            kv = read_prefix_kv(load.path, self.full_spec, dtype)
             if kv.shape[2] != load.num_tokens:  # the file was replaced since it was registered
                 raise ValueError(f"its tensor holds {kv.shape[2]} virtual tokens, but it was registered with "
                                  f"{load.num_tokens}")
+            if self.shard is not None:  # this rank's KV heads only
+                kv = kv[:, :, :, self.shard.kv_heads.start: self.shard.kv_heads.stop].contiguous()
             return kv
 
         kv = self.host_prefixes.get(load.key, read)
@@ -167,8 +199,11 @@ class Worker:
         logits = self.runner.execute(step)
         if not to_sample:
             return []
+        sampled = sample(logits, rows) if self.rank == 0 else None
+        if self.shard is not None:
+            sampled = self._share_samples(sampled, [1 + len(state.fork_ids) for _, state in to_sample])
         results = []
-        for (seq_id, state), toks in zip(to_sample, sample(logits, rows)):
+        for (seq_id, state), toks in zip(to_sample, sampled):
             for child_id, offset, token in fork_children(state.fork_ids, toks[1:]):
                 # a child of an n > 1 request: the same prompt and blocks, its own first token
                 self.seqs[child_id] = SequenceState(
@@ -205,7 +240,13 @@ class Worker:
             positions = [start + i for start in starts]
             slots = [slot_of(table, p, block_size) for table, p in zip(tables, positions)]
             step = StepInputs(first_ids, positions, slots, ones, [p + 1 for p in positions], tables, rows)
-            previous = pick(self.runner.execute(step, input_ids=previous))
+            logits = self.runner.execute(step, input_ids=previous)
+            if self.shard is None:
+                previous = pick(logits)
+            else:  # rank 0 samples; the tokens reach the other ranks on the device, not through the host
+                previous = pick(logits) if self.rank == 0 else torch.empty(len(active), dtype=torch.long,
+                                                                           device=self.runner.device)
+                previous = broadcast_from_first(previous)
             forwards.append((active, previous))
         # the one device sync of the run
         if len(active) == len(states):  # every row ran every forward
@@ -224,6 +265,19 @@ class Worker:
             state.num_computed += len(toks)
             results.append([seq_id, toks])
         return results
+
+
+    def _share_samples(self, sampled: list[list[int]] | None, counts: list[int]) -> list[list[int]]:
+        """Rank 0's sampled tokens (`counts[i]` for row i) on every rank, in one broadcast."""
+        flat = torch.empty(sum(counts), dtype=torch.long, device=self.runner.device)
+        if self.rank == 0:
+            flat.copy_(torch.tensor([token for toks in sampled for token in toks]))
+        flat = broadcast_from_first(flat).tolist()
+        out, at = [], 0
+        for count in counts:
+            out.append(flat[at: at + count])
+            at += count
+        return out
 
 
 class RunSampler:

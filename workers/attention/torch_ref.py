@@ -55,8 +55,7 @@ class TorchPagedAttention(AttentionBackend):
         rows = torch.tensor(decode_idx, dtype=torch.long, device=device)
         max_len = max(meta.seq_lens_list[s] for s in decode_idx)
         idx = torch.arange(max_len, device=device)
-        tables = meta.block_tables.long()[rows]
-        slots = torch.vmap(lambda table: slot_of(table, idx, meta.block_size))(tables).view(-1)
+        slots = slot_of(meta.block_tables.long()[rows], idx, meta.block_size).view(-1)
         mask = (idx[None, :] < meta.seq_lens.long()[rows][:, None]).view(len(decode_idx), 1, 1, max_len)
         packed_rows = meta.query_start_loc.long()[rows]
         return _Plan(packed_rows, slots, mask, prefills)

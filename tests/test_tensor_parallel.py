@@ -1,0 +1,147 @@
+"""Tensor parallelism on CPU (gloo): two ranks, greedy output token-identical to the PEFT-forward referee.
+
+Each engine here spawns its ranks (mp) or starts Ray actors, so the tests share engines where they can.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.errors import InvalidConfigError, UnsupportedModelError
+from test_parity import PREFIXES, PROMPTS, MAX_TOKENS, _expected
+from tiny_models import make_tiny_model
+
+# block size 4 over short prompts; 14 blocks cannot hold all five sequences at once (forced preemption), and a
+# 6-token budget cuts the longer prompts into chunks
+SETTINGS = dict(skip_tokenizer_init=True, block_size=4, num_kv_blocks=14, max_num_batched_tokens=6)
+
+
+def _generate(llm: LLM, entry) -> list[list[int]]:
+    for name, path in entry["adapters"].items():
+        llm.load_prefix(name, str(path))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])  # GQA, MQA (one KV head on both ranks), biases
+def test_two_local_ranks_match_peft_forward(tiny_zoo, arch):
+    entry = tiny_zoo(arch)
+    llm = LLM(model=str(entry["model"]), tensor_parallel_size=2, **SETTINGS)
+    try:
+        assert llm.engine.config.resolved_executor() == "mp"
+        got = _generate(llm, entry)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert got == _expected(entry)
+        llm.check_integrity()
+        assert llm.engine.block_manager.num_used_blocks == 0
+    finally:
+        llm.shutdown()
+
+
+def test_two_ray_ranks_match_peft_forward(tiny_zoo):
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), tensor_parallel_size=2, executor="ray", **SETTINGS)
+    try:
+        got = _generate(llm, entry)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert got == _expected(entry)
+        llm.check_integrity()
+    finally:
+        llm.shutdown()
+
+
+def test_decode_runs_and_sampling_across_ranks(tiny_zoo):
+    """Decode runs feed rank 0's tokens to rank 1 on the device; n > 1, seeded sampling and sampling inside a run
+    work across ranks, the deterministic ones token for token as on one rank."""
+    entry = tiny_zoo("qwen2")
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3]]
+    greedy = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+              SamplingParams(n=2, max_tokens=8, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, ignore_eos=True)]  # sampled in the run
+    seeded = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, seed=7, ignore_eos=True)
+    results = {}
+    for size in (1, 2):
+        llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, decode_steps=4,
+                  tensor_parallel_size=size)
+        try:
+            llm.load_prefix("p5", str(entry["adapters"]["p5"]))
+            outs = llm.generate(prompts, greedy, prefix=["p5", None, "p5"], use_tqdm=False)
+            assert llm.engine.stats.decode_run_steps > 0
+            assert len(outs[2].outputs[0].token_ids) == 8
+            results[size] = [[c.token_ids for c in o.outputs] for o in outs[:2]]
+            outs = llm.generate(prompts, seeded, prefix=["p5", None, "p5"], use_tqdm=False)
+            results[size].append([o.outputs[0].token_ids for o in outs])
+            llm.check_integrity()
+        finally:
+            llm.shutdown()
+    assert results[2] == results[1]
+
+
+def test_tp_rank_holds_half_the_weights_and_more_blocks(tiny_zoo):
+    """At the same per-device KV budget, a rank of two holds half the layer weights and twice the blocks."""
+    from workers.parallel import ShardPlan
+
+    import transformers as tf
+
+    entry = tiny_zoo("llama")
+    config = tf.AutoConfig.from_pretrained(entry["model"])
+    plans = [ShardPlan.of(config, rank, 2) for rank in range(2)]
+    assert [list(p.q_heads) for p in plans] == [[0, 1], [2, 3]]
+    assert [list(p.kv_heads) for p in plans] == [[0], [1]]
+    one = LLM(model=str(entry["model"]), skip_tokenizer_init=True, cpu_kv_cache_gb=0.001)
+    two = LLM(model=str(entry["model"]), skip_tokenizer_init=True, cpu_kv_cache_gb=0.001, tensor_parallel_size=2)
+    try:
+        assert two.engine.block_manager.num_blocks >= 2 * one.engine.block_manager.num_blocks - 1
+    finally:
+        one.shutdown()
+        two.shutdown()
+
+
+def test_mqa_ranks_share_their_one_kv_head(tiny_zoo):
+    import transformers as tf
+
+    from workers.parallel import ShardPlan
+
+    config = tf.AutoConfig.from_pretrained(tiny_zoo("mistral")["model"])
+    assert [list(ShardPlan.of(config, rank, 2).kv_heads) for rank in range(2)] == [[0], [0]]
+
+
+def test_unsplittable_models_are_refused_by_name(tiny_zoo, tmp_path):
+    import json
+
+    entry = tiny_zoo("llama")  # 4 query heads, 2 KV heads
+    with pytest.raises(InvalidConfigError, match="does not divide the model's 4 attention heads"):
+        LLM(model=str(entry["model"]), skip_tokenizer_init=True, tensor_parallel_size=3)
+    model = tmp_path / "llama-3kv"
+    model.mkdir()
+    config = json.loads((entry["model"] / "config.json").read_text())
+    config.update(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, head_dim=16)
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidConfigError, match="cannot split the model's 3 KV heads"):
+        LLM(model=str(model), skip_tokenizer_init=True, tensor_parallel_size=2)
+    with pytest.raises(UnsupportedModelError, match="model type 'gpt2' cannot be split"):
+        LLM(model=str(tiny_zoo("gpt2")["model"]), skip_tokenizer_init=True, tensor_parallel_size=2)
+    with pytest.raises(InvalidConfigError, match="'inprocess' runs one worker"):
+        LLM(model=str(entry["model"]), skip_tokenizer_init=True, tensor_parallel_size=2, executor="inprocess")
+
+
+def test_a_dead_rank_fails_the_step_at_once_and_stops_the_others(tiny_zoo):
+    from workers.executor import WorkerFailedError
+
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, tensor_parallel_size=2)
+    procs = list(llm.engine.executor._procs)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="rank 1"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert time.monotonic() - start < 10
+    for proc in procs:
+        proc.join(timeout=10)
+        assert not proc.is_alive()
