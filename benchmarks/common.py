@@ -81,6 +81,9 @@ def run_in_child(module: str, task: dict, timeout: float = 3600, python: str | N
     """Run `module`'s child entry point on `task` in a fresh process, so peak RSS is that task's alone.
     `python`: another interpreter (such as a separate virtualenv's) to run it with."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
+    # the child finds this checkout's packages from any directory, even under another interpreter (a vLLM venv)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run([python or sys.executable, "-m", module, "--child", json.dumps(task)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from engine import wire
 from engine.sampling_params import SamplingParams
 
-VERSION = 5
+VERSION = 6
 
 
 class _Message:
@@ -121,3 +121,4 @@ class WorkerInfo(_Message):
 
     num_blocks: int  # KV blocks the engine may hand out
     attention_backend: str  # the backend the worker chose (or was told to use)
+    weight_bytes: int = 0  # the model weights this worker holds (with tensor parallelism: its shard)

@@ -42,7 +42,7 @@ def test_every_step_result_survives_the_round_trip_unchanged(result):
 
 
 def test_worker_info_round_trips():
-    assert WorkerInfo.decode(WorkerInfo(123, "torch").encode()) == WorkerInfo(123, "torch")
+    assert WorkerInfo.decode(WorkerInfo(123, "torch", 9).encode()) == WorkerInfo(123, "torch", 9)
 
 
 def test_a_message_of_another_version_is_refused_by_name():

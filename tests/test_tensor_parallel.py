@@ -52,6 +52,16 @@ def test_two_ray_ranks_match_peft_forward(tiny_zoo):
         assert llm.engine.scheduler.num_preemptions > 0
         assert got == _expected(entry)
         llm.check_integrity()
+        # a rank that dies fails the next step at once, though rank 0 would wait for it in a collective
+        import ray
+
+        from workers.executor import WorkerFailedError
+
+        ray.kill(llm.engine.executor.actors[1])
+        start = time.monotonic()
+        with pytest.raises(WorkerFailedError, match="rank 1"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert time.monotonic() - start < 10
     finally:
         llm.shutdown()
 
@@ -97,7 +107,14 @@ def test_tp_rank_holds_half_the_weights_and_more_blocks(tiny_zoo):
     one = LLM(model=str(entry["model"]), skip_tokenizer_init=True, cpu_kv_cache_gb=0.001)
     two = LLM(model=str(entry["model"]), skip_tokenizer_init=True, cpu_kv_cache_gb=0.001, tensor_parallel_size=2)
     try:
-        assert two.engine.block_manager.num_blocks >= 2 * one.engine.block_manager.num_blocks - 1
+        blocks = one.engine.block_manager.num_blocks, two.engine.block_manager.num_blocks
+        weights = one.engine.executor.info.weight_bytes, two.engine.executor.info.weight_bytes
+        print(f"tp=1: {weights[0]} weight bytes, {blocks[0]} blocks; tp=2: {weights[1]} per rank, {blocks[1]}")
+        assert blocks[1] >= 2 * blocks[0] - 1
+        # the layers' projections halve; the embedding, LM head and norms are replicated
+        hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+        replicated = 4 * (2 * vocab * hidden + (2 * layers + 1) * hidden)
+        assert weights[1] - replicated == (weights[0] - replicated) // 2
     finally:
         one.shutdown()
         two.shutdown()
@@ -131,10 +148,17 @@ def test_unsplittable_models_are_refused_by_name(tiny_zoo, tmp_path):
         LLM(model=str(entry["model"]), skip_tokenizer_init=True, tensor_parallel_size=2, executor="inprocess")
 
 
-def test_a_dead_rank_fails_the_step_at_once_and_stops_the_others(tiny_zoo):
+def test_a_rank_that_raises_or_dies_fails_the_step_at_once_and_stops_the_others(tiny_zoo):
     from workers.executor import WorkerFailedError
 
     entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, tensor_parallel_size=2)
+    procs = list(llm.engine.executor._procs)
+    with pytest.raises(WorkerFailedError, match="failed: ProtocolError"):
+        llm.engine.executor._execute(b"not a step")  # every rank raises on it
+    for proc in procs:
+        proc.join(timeout=10)
+        assert not proc.is_alive()
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, tensor_parallel_size=2)
     procs = list(llm.engine.executor._procs)
     os.kill(procs[1].pid, signal.SIGKILL)
@@ -145,3 +169,49 @@ def test_a_dead_rank_fails_the_step_at_once_and_stops_the_others(tiny_zoo):
     for proc in procs:
         proc.join(timeout=10)
         assert not proc.is_alive()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_server_with_two_ranks_serves_and_a_dead_rank_ends_it_cleanly(tmp_path):
+    """`serve --tensor-parallel-size 2`: the same greedy text as one rank; when a rank dies, the open stream gets
+    an error at once and the server exits non-zero (as when the engine process dies)."""
+    import re
+
+    import openai
+    from test_server_support import API_KEY, ServerProcess, build_model, build_prefixes
+
+    model = build_model(tmp_path / "model")
+    build_prefixes(model, tmp_path / "prefixes", 2)
+    llm = LLM(model=str(model), block_size=4)
+    llm.load_prefix("task1", str(tmp_path / "prefixes" / "task1"))
+    expected = llm.generate("hello there", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                            prefix="task1", use_tqdm=False)[0].outputs[0].text
+    server = ServerProcess([str(model), "--prefix-dir", str(tmp_path / "prefixes"), "--api-key", API_KEY,
+                            "--block-size", "4", "--tensor-parallel-size", "2", "--log-level", "WARNING"])
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        out = client.completions.create(model="task1", prompt="hello there", max_tokens=12, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == expected
+        stream = client.completions.create(model="task1", prompt="long", max_tokens=200, temperature=0.0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(stream)
+        engine_pid = int(re.search(r"engine ready in .* \(pid (\d+)\)", server.output()).group(1))
+        ranks = [pid for pid in _children(engine_pid)
+                 if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
+        assert len(ranks) == 2, ranks
+        server.expected_exit_code = 1
+        start = time.monotonic()
+        os.kill(ranks[-1], signal.SIGKILL)
+        with pytest.raises(openai.APIError):
+            list(stream)
+        assert time.monotonic() - start < 10
+        assert server.proc.wait(timeout=60) == 1
+        assert "died" in server.output() or "failed" in server.output()
+    finally:
+        server.stop()

@@ -28,6 +28,7 @@ logger = logging.getLogger("prefix_serve.executor")
 EXECUTORS = ("inprocess", "mp", "ray")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 _OK, _FAILED = b"\x00", b"\x01"  # the first byte of a rank's answer
+PLACEMENT_TIMEOUT_S = 300  # how long the Ray executor waits for its ranks' bundles (an autoscaler may add nodes)
 
 
 class WorkerFailedError(RuntimeError):
@@ -55,9 +56,11 @@ class Executor(ABC):
 
 
 def _combined_info(infos: list[bytes]) -> WorkerInfo:
-    """Every rank uses the same block ids, so the engine manages the fewest blocks any rank has."""
+    """Every rank uses the same block ids, so the engine manages the fewest blocks any rank has. The weight bytes
+    are the largest any rank holds (rank 0, which keeps the LM head)."""
     decoded = [WorkerInfo.decode(info) for info in infos]
-    return WorkerInfo(min(info.num_blocks for info in decoded), decoded[0].attention_backend)
+    return WorkerInfo(min(info.num_blocks for info in decoded), decoded[0].attention_backend,
+                      max(info.weight_bytes for info in decoded))
 
 
 def _failure(exc: BaseException) -> str:
@@ -252,6 +255,16 @@ class RayExecutor(Executor):
         if self._group is None:
             self._group, own = placement_group([bundle] * size, strategy=placement_strategy), True
         self._remove = remove_placement_group if own else None
+        try:
+            ray.get(self._group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources()
+            self.shutdown()
+            raise WorkerStartupError(
+                f"Ray could not place {size} worker bundles of {bundle} ({placement_strategy}) within "
+                f"{PLACEMENT_TIMEOUT_S} s; the cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} "
+                "GPUs free. Add nodes, lower tensor_parallel_size, or try placement_strategy PACK or SPREAD."
+            ) from None
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(_WorkerActor)
         self.actors = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             self._group, placement_group_bundle_index=rank if own else -1)).remote() for rank in range(size)]
