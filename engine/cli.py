@@ -8,7 +8,9 @@ dependencies never break another.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import socket
 import sys
 
 _SUBCOMMANDS = {
@@ -32,10 +34,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Exit with one line if `serve` could not listen on host:port. The server binds only once its engine has
+    loaded, which can take minutes, so a port in use is found by a bind test first (with the same socket options
+    as the server's, so a port in TIME_WAIT still counts as free)."""
+    if port == 0:  # the server picks a free port
+        return
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is already in use; stop the process that holds it or pick another --port"
+        elif exc.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need privileges); pick another --port"
+        else:  # create_server appends the address it tried, which the line below already names
+            reason = f"{str(exc.strerror or exc).split(' (while attempting')[0]}; check --host and --port"
+        raise SystemExit(f"prefix-serve serve: cannot listen on {host}:{port}: {reason}.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in _SUBCOMMANDS else None).parse_args(argv)
+    if args.command == "serve":
+        check_port_free(args.host, args.port)
     return int(args.func(args) or 0)
 
 

@@ -92,6 +92,22 @@ def test_prompt_longer_than_the_context_states_the_lengths(llama_llm):
     _still_serves(llama_llm)
 
 
+def test_max_tokens_beyond_the_context_is_refused_with_the_numbers(llama_llm):
+    """As in vLLM: prompt tokens + max_tokens above max_model_len is a 400, not a silent cap at the context."""
+    limit = llama_llm.engine.max_model_len
+    too_many = SamplingParams(max_tokens=limit - 9, temperature=0.0)
+    with pytest.raises(InvalidSamplingParamsError,
+                       match=rf"max_tokens={limit - 9} and the prompt's 10 tokens exceed the maximum context of "
+                             rf"{limit} tokens: set max_tokens to at most {limit - 10}"):
+        llama_llm.generate({"prompt_token_ids": [1] * 10}, too_many, use_tqdm=False)
+    assert InvalidSamplingParamsError.http_status == 400
+    assert not llama_llm.engine.has_unfinished_requests()
+    exact = SamplingParams(max_tokens=limit - 10, temperature=0.0, ignore_eos=True)
+    out = llama_llm.generate({"prompt_token_ids": [1] * 10}, exact, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == limit - 10 and out.finish_reason == "length"
+    _still_serves(llama_llm)
+
+
 def test_prompt_that_could_never_fit_the_kv_cache_is_rejected(tiny_zoo):
     llm = LLM(model=str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=8)
     with pytest.raises(PromptTooLongError, match="maximum context of 28 tokens"):

@@ -282,6 +282,42 @@ def test_a_one_step_run_changes_the_prefix(tmp_path, tiny_dir):
     assert result.eval_loss_after != result.eval_loss_before
 
 
+def test_saving_an_adapter_for_a_hub_named_base_makes_no_network_attempt(tmp_path, tiny_dir, monkeypatch):
+    """An adapter trained on the embedded model records the hub name HuggingFaceTB/SmolLM2-135M-Instruct as its base.
+    PEFT's save_pretrained then asked the hub whether that model's vocabulary was resized ("Unable to fetch remote
+    file" offline; a hang behind a firewall that drops packets). The save must not try."""
+    import socket
+    import warnings
+
+    import peft.utils.other
+
+    from engine import model_loader
+    from engine.training.train import EMBEDDED_BASE_NAME
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the test suite's offline mode hid the lookup
+    monkeypatch.setattr(peft.utils.other, "file_exists", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(model_loader, "resolve_model_path", lambda model: str(tiny_dir))  # model=None: the tiny one
+    data = _write_jsonl(tmp_path / "train.jsonl", _pairs(4))
+    options = TrainOptions(data=str(data), out=str(tmp_path / "adapter"), model=None, num_virtual_tokens=4, steps=1,
+                           batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(options)
+    assert attempts == []
+    assert not [w for w in caught if "Unable to fetch remote file" in str(w.message)]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == EMBEDDED_BASE_NAME
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 # --- evaluation metrics ---------------------------------------------------------------------------------------------
 
 def test_score_counts_json_format_and_exact_match():
@@ -316,6 +352,36 @@ def test_eval_items_put_the_instruction_before_the_last_user_turn(tmp_path, toke
     empty = _write_jsonl(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "x=1"},
                                                               {"role": "assistant", "content": ""}]}])
     assert load_eval_items(str(empty), tokenizer)[0].reference == ""  # an error for training only
+
+
+def test_eval_without_rouge_score_fails_before_generating_anything(tmp_path, monkeypatch, capsys):
+    """A plain install once ran every reply for minutes, then failed on `import rouge_score`."""
+    import argparse
+    import sys
+
+    from engine.training import evaluate
+
+    def generate_nothing(*args, **kwargs):
+        raise AssertionError("the evaluation started before its metric's package was checked")
+
+    monkeypatch.setattr(evaluate, "evaluate_task", generate_nothing)
+    monkeypatch.setattr(evaluate, "evaluate_demo", generate_nothing)
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # `import rouge_score` now raises ImportError
+    parser = argparse.ArgumentParser()
+    evaluate.add_parser(parser.add_subparsers())
+    for argv in (["eval", "--data", "t.jsonl", "--prefix", "p"], ["eval", "--demo"]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prefix-serve eval: error: ROUGE-L needs the rouge-score package")
+        assert err.rstrip().endswith("pip install rouge-score")
+
+
+def test_rouge_score_is_a_dependency_of_a_plain_install():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("rouge-score") for dep in project["dependencies"])
 
 
 # --- demo datasets and committed prefixes ---------------------------------------------------------------------------

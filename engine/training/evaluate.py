@@ -261,9 +261,20 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_metric_dependencies() -> None:
+    """Fail before any reply is generated, not after minutes of it, when the ROUGE package is missing (it is a
+    dependency of prefix-serve, but an install may predate that or have skipped dependencies)."""
+    try:
+        from rouge_score import rouge_scorer  # noqa: F401 - with its own imports (nltk)
+    except ImportError as exc:
+        raise PrefixServeError(f"ROUGE-L needs the rouge-score package and its dependencies ({exc}): "
+                               "pip install rouge-score") from None
+
+
 def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        check_metric_dependencies()
         if args.demo:
             from engine.training.demo_data import TASKS
 

@@ -387,9 +387,13 @@ def _optimize(model, examples: list[Example], options: TrainOptions, steps: int,
 def _save(model, tokenizer, options: TrainOptions, result: TrainResult) -> None:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
     if options.full_finetune:
+        model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
+    else:
+        # PEFT's default ("auto") asks the model hub whether the base model's vocabulary was resized, which hangs
+        # behind a firewall that drops packets; a prefix never changes the embeddings, so there is nothing to ask
+        model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     record = {"options": asdict(options), "result": asdict(result) | {"trainable_percent": result.trainable_percent}}
     (out / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
 
