@@ -10,7 +10,8 @@ a projection, 16, and no prefix), against the referee of DESIGN section 1: PeftM
 sequence at every step, argmax. fp32 with TF32 off, so the comparison is token for token. Each model runs four
 times: with the fused decoder layers (the CUDA default), eager (cuda_graphs="off") and with CUDA-graph decode
 ("on"), one forward per engine step; then with graphs and decode runs of up to 8 forwards (tokens fed back on
-the device); last with graphs and Hugging Face's layers (fused_layers="off"). One prompt is long
+the device); then with graphs and Hugging Face's layers (fused_layers="off"); last with two tensor-parallel ranks
+on the one device (gloo), eager, with decode runs. One prompt is long
 enough (530 tokens) for the long-context decode tiles. A mismatch reports the referee's top-1 / top-2 logit gap
 where the outputs part, so a near-tie can be told from a bug.
 
@@ -155,14 +156,14 @@ def _free_device_memory() -> None:
 
 
 def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str, backend: str | None,
-                    decode_steps: int = 1, fused: str = "auto") -> dict:
+                    decode_steps: int = 1, fused: str = "auto", tp: int = 1) -> dict:
     from engine import LLM, SamplingParams
 
     start = time.perf_counter()
     # a 256-token budget chunks the long prompt over three steps, mixed with the others' decodes (eager steps)
     llm = LLM(model=str(zoo["model"]), device=device, dtype="float32", skip_tokenizer_init=True, block_size=16,
               num_kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=256, attention_backend=backend,
-              decode_steps=decode_steps, cuda_graphs=graphs, fused_layers=fused)
+              decode_steps=decode_steps, cuda_graphs=graphs, fused_layers=fused, tensor_parallel_size=tp)
     init_s = time.perf_counter() - start
     try:
         for name, path in zoo["adapters"].items():
@@ -171,9 +172,10 @@ def run_engine_case(zoo: dict, prompts, expected, gaps, device: str, graphs: str
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, prefix=PREFIXES, use_tqdm=False)
         got = [o.outputs[0].token_ids for o in outs]
         llm.check_integrity()
-        stats = llm.engine.executor.worker.runner.graph_stats
+        runner = llm.engine.executor.worker.runner if tp == 1 else None  # ranks live in their own processes
+        stats = runner.graph_stats if runner else None
         decode_run_steps = llm.engine.stats.decode_run_steps
-        fused_ops = getattr(llm.engine.executor.worker.runner.fused, "ops", None)
+        fused_ops = getattr(runner.fused, "ops", None) if runner else None
     finally:
         llm.shutdown()
         del llm
@@ -236,16 +238,18 @@ def run_engine(out: str | None, device: str, archs: list[str], deadline: float, 
         # with the fused layers (the CUDA default): one forward per engine step, eager and as graphs, then decode
         # runs of up to 8 forwards (rows leave them at different forwards); last, graphs with Hugging Face's
         # layers, to tell a fault of the fused layers from one of the rest
-        for graphs, decode_steps, fused in (("off", 1, "auto"), ("on", 1, "auto"), ("on", 8, "auto"),
-                                            ("on", 1, "off")):
+        # then two tensor-parallel ranks on the one device (gloo: NCCL refuses two ranks on one GPU), eager
+        for graphs, decode_steps, fused, tp in (("off", 1, "auto", 1), ("on", 1, "auto", 1), ("on", 8, "auto", 1),
+                                                ("on", 1, "off", 1), ("off", 8, "off", 2)):
             name = (f"{arch} graphs={graphs}" + (f" runs={decode_steps}" if decode_steps > 1 else "")
-                    + (" HF layers" if fused == "off" else ""))
+                    + (" HF layers" if fused == "off" else "") + (f" tp={tp}" if tp > 1 else ""))
             if time.monotonic() > deadline:
                 print(f"SKIP engine parity {name}: out of time")
                 results.put(name, "SKIP: out of time")
                 continue
             try:
-                result = run_engine_case(zoo, prompts, expected, gaps, device, graphs, backend, decode_steps, fused)
+                result = run_engine_case(zoo, prompts, expected, gaps, device, graphs, backend, decode_steps, fused,
+                                         tp)
                 verdict = "ok" if result["exact"] == result["total"] else "FAIL"
                 extra = (f", graph steps {result['graph_steps']}, eager steps {result['eager_steps']}, "
                          f"captured {len(result['captured'])}, failed {len(result['failed'])}"

@@ -88,7 +88,7 @@ def _rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank % count}" if count else device
 
 
-def _mp_worker_main(config: WorkerConfig, spec: ModelSpec, rank: int, init_method: str, conn) -> None:
+def _mp_worker_main(config: WorkerConfig, spec: ModelSpec, rank: int, init_method: str, backend: str, conn) -> None:
     """A rank's process: join the group, build the worker, report its info, then answer steps until the pipe
     closes. Every answer starts with _OK or _FAILED."""
     import torch
@@ -102,7 +102,7 @@ def _mp_worker_main(config: WorkerConfig, spec: ModelSpec, rank: int, init_metho
         else:
             torch.cuda.set_device(config.device)
         if config.tensor_parallel_size > 1:
-            init_process_group(init_method, rank, config.tensor_parallel_size, config.device)
+            init_process_group(init_method, rank, config.tensor_parallel_size, backend)
         worker = Worker(config, spec, rank)
         conn.send_bytes(_OK + worker.info())
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which names the rank
@@ -131,14 +131,23 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: WorkerConfig, spec: ModelSpec):
         import multiprocessing
 
+        import torch
+
+        from workers.parallel import collective_backend
+
         context = multiprocessing.get_context("spawn")
         size = config.tensor_parallel_size
+        gpus = torch.cuda.device_count() if str(config.device).startswith("cuda") else 0
+        if 0 < gpus < size:
+            logger.warning("%d ranks share %d GPU(s) round-robin and talk through gloo (NCCL refuses two ranks on one "
+                           "GPU): fine for checks, slow for serving.", size, gpus)
+        backend = collective_backend(config.device, gpus >= size)
         self._tmp = tempfile.mkdtemp(prefix="prefix-serve-tp-")
         init_method = f"file://{os.path.join(self._tmp, 'rendezvous')}"
         self._conns, self._procs = [], []
         for rank in range(size):
             parent, child = context.Pipe()
-            proc = context.Process(target=_mp_worker_main, args=(config, spec, rank, init_method, child),
+            proc = context.Process(target=_mp_worker_main, args=(config, spec, rank, init_method, backend, child),
                                    name=f"prefix-serve-rank{rank}", daemon=True)
             proc.start()
             child.close()
@@ -218,10 +227,11 @@ class _WorkerActor:
         return f"tcp://{host}:{port}"
 
     def start(self, config: WorkerConfig, spec: ModelSpec, rank: int, init_method: str) -> bytes:
-        from workers.parallel import init_process_group
+        from workers.parallel import collective_backend, init_process_group
 
-        if config.tensor_parallel_size > 1:
-            init_process_group(init_method, rank, config.tensor_parallel_size, config.device)
+        if config.tensor_parallel_size > 1:  # each actor has a GPU of its own (num_gpus=1) or is on CPU
+            backend = collective_backend(config.device, one_gpu_per_rank=True)
+            init_process_group(init_method, rank, config.tensor_parallel_size, backend)
         self.worker = Worker(config, spec, rank)
         return self.worker.info()
 

@@ -54,7 +54,7 @@ class ShardPlan:
     intermediate: range
 
     @staticmethod
-    def of(config, rank: int, size: int) -> "ShardPlan":
+    def of(config, rank: int, size: int) -> ShardPlan:
         check_split(config, size)
         heads, kv_heads = config.num_attention_heads, _kv_heads(config)
         q_per = heads // size
@@ -100,21 +100,18 @@ def check_split(config, size: int) -> None:
 
 # ---- the process group -------------------------------------------------------------------------------------------
 
-def collective_backend(device: str, size: int) -> str:
+def collective_backend(device: str, one_gpu_per_rank: bool) -> str:
     """NCCL between distinct GPUs; gloo on CPU, and for several ranks on one GPU (NCCL refuses those)."""
-    if str(device).startswith("cuda") and torch.cuda.device_count() >= size:
-        return "nccl"
-    return "gloo"
+    return "nccl" if str(device).startswith("cuda") and one_gpu_per_rank else "gloo"
 
 
-def init_process_group(init_method: str, rank: int, size: int, device: str, timeout_s: float = 120.0) -> None:
+def init_process_group(init_method: str, rank: int, size: int, backend: str, timeout_s: float = 120.0) -> None:
     import torch.distributed as dist
 
-    backend = collective_backend(device, size)
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s))
-    except Exception as exc:  # noqa: BLE001 - a start-up failure, named for the user
+    except Exception as exc:  # a start-up failure, named for the user
         raise DistributedInitError(f"rank {rank} of {size} could not join the {backend} process group at "
                                    f"{init_method}: {type(exc).__name__}: {exc}") from exc
 
@@ -194,7 +191,7 @@ def load_sharded_model(model_path: str, dtype: torch.dtype, device: str, plan: S
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 if name not in expected:
                     continue
                 state[name] = shard_tensor(name, f.get_slice(name), plan, head_dim).to(dtype)

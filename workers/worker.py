@@ -132,6 +132,8 @@ class Worker:
                 result.load_seconds.append(self._materialize_prefix(load))
             except Exception as exc:  # noqa: BLE001 - the requests on this prefix fail; the step goes on
                 result.failed_loads[load.key] = f"{type(exc).__name__}: {exc}"
+        if self.shard is not None and msg.prefix_loads:
+            self._agree_on_failed_loads(msg.prefix_loads, result.failed_loads)
         self.kv_cache.copy_blocks(msg.copies)
         entries = msg.seqs
         if result.failed_loads:
@@ -267,6 +269,17 @@ class Worker:
             results.append([seq_id, toks])
         return results
 
+
+    def _agree_on_failed_loads(self, loads: list[PrefixLoad], failed: dict[str, str]) -> None:
+        """A prefix that failed to load on any rank counts as failed on all of them, so that every rank leaves out
+        the same sequences and their forwards stay in step (a file replaced between two ranks' reads)."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([load.key in failed for load in loads], dtype=torch.int32, device=self.runner.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        for load, flag in zip(loads, flags.tolist()):
+            if flag and load.key not in failed:
+                failed[load.key] = "it failed to load on another tensor-parallel rank"
 
     def _share_samples(self, sampled: list[list[int]] | None, counts: list[int]) -> list[list[int]]:
         """Rank 0's sampled tokens (`counts[i]` for row i) on every rank, in one broadcast."""
