@@ -36,38 +36,46 @@ class EngineStatsCollector:
         return []
 
     def collect(self):
-        s = self.snapshot
+        # one engine's snapshot, or {"replicas": {replica id: snapshot}} from data-parallel replicas: then every
+        # engine series has a `replica` label (one value per replica) and Grafana sums them for the cluster
+        replicas = self.snapshot.get("replicas")
+        snapshots = sorted(replicas.items()) if replicas is not None else [(None, self.snapshot)]
+        labels = ["replica"] if replicas is not None else []
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"prefix_serve_{name}", doc, value=value)
+        def family(cls, name: str, doc: str, value_of, extra: list[str] | None = None):
+            metric = cls(f"prefix_serve_{name}", doc, labels=labels + (extra or []))
+            for replica, snapshot in snapshots:
+                for label_values, value in value_of(snapshot):
+                    metric.add_metric(([replica] if replica is not None else []) + label_values, value)
+            return metric
 
-        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
-            return CounterMetricFamily(f"prefix_serve_{name}", doc, value=s.get(key, 0))
+        def gauge(name: str, doc: str, key: str, default=0):
+            return family(GaugeMetricFamily, name, doc, lambda s: [([], s.get(key, default))])
 
-        yield gauge("engine_up", "1 while the engine process runs, 0 after it stopped.", float(self.engine_up))
+        def counter(name: str, doc: str, key: str):
+            return family(CounterMetricFamily, name, doc, lambda s: [([], s.get(key, 0))])
+
+        yield GaugeMetricFamily("prefix_serve_engine_up", "1 while the engine process runs (with replicas: while "
+                                "the deployment runs), 0 after it stopped.", value=float(self.engine_up))
         yield gauge("num_requests_running", "Sequences in the running batch (each sample of an n > 1 request once "
-                    "it has forked).", s.get("running", 0))
-        yield gauge("num_requests_waiting", "Sequences waiting for admission (new or preempted).",
-                    s.get("waiting", 0))
+                    "it has forked).", "running")
+        yield gauge("num_requests_waiting", "Sequences waiting for admission (new or preempted).", "waiting")
         yield gauge("kv_cache_usage_ratio", "Share of KV blocks held by running sequences or pinned prefixes "
-                    "(0-1); cached, unpinned prefix blocks count as free.", s.get("kv_usage", 0.0))
+                    "(0-1); cached, unpinned prefix blocks count as free.", "kv_usage", 0.0)
         yield gauge("resident_prefixes", "Prefixes materialized in KV blocks (pinned or cached).",
-                    s.get("resident_prefixes", 0))
+                    "resident_prefixes")
         yield gauge("registered_prefixes", "Prefixes the server knows by name (loaded or registered lazily).",
-                    s.get("registered_prefixes", 0))
-        yield gauge("prefix_kv_blocks", "KV blocks holding materialized prefixes.", s.get("prefix_blocks", 0))
-        yield gauge("kv_cache_blocks", "Total KV blocks in the cache.", s.get("num_blocks", 0))
+                    "registered_prefixes")
+        yield gauge("prefix_kv_blocks", "KV blocks holding materialized prefixes.", "prefix_blocks")
+        yield gauge("kv_cache_blocks", "Total KV blocks in the cache.", "num_blocks")
         yield counter("prompt_tokens", "Prompt tokens prefilled (counted once per request at its first token; "
                       "prefix virtual tokens excluded).", "prompt_tokens")
         yield counter("generation_tokens", "Tokens generated, over all samples.", "generation_tokens")
-        finished = CounterMetricFamily("prefix_serve_requests_finished", "Requests finished, by reason: stop "
-                                       "(EOS or stop string/token), length (max_tokens or context), abort "
-                                       "(client disconnected or cancelled), error (its prefix could not be "
-                                       "materialized).", labels=["reason"])
-        counts = s.get("finished", {})
-        for reason in FINISH_REASONS:
-            finished.add_metric([reason], counts.get(reason, 0))
-        yield finished
+        yield family(CounterMetricFamily, "requests_finished", "Requests finished, by reason: stop (EOS or stop "
+                     "string/token), length (max_tokens or context), abort (client disconnected or cancelled), error "
+                     "(its prefix could not be materialized).",
+                     lambda s: [([reason], s.get("finished", {}).get(reason, 0)) for reason in FINISH_REASONS],
+                     ["reason"])
         yield counter("preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.", "preemptions")
         yield counter("prefix_cache_hits", "Requests admitted onto a prefix already resident in KV blocks.",
                       "prefix_hits")
