@@ -1,8 +1,27 @@
 """Named exceptions for every error a user can cause.
 
 Each one carries a message that says what went wrong and what to do about it. The HTTP server maps them to
-OpenAI-style error bodies by their `http_status`.
+OpenAI-style error bodies by their `http_status`. A message quotes what the user sent through `quote`, so a
+10 MB value never makes a 10 MB message or log line.
 """
+
+import reprlib
+
+QUOTE_LIMIT = 200  # characters of a user's value that a message quotes
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = QUOTE_LIMIT
+_repr.maxlist = _repr.maxdict = _repr.maxtuple = 16
+
+
+def quote(value, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` cut to about `limit` characters, at a cost bounded by `limit` (not by the value's size).
+    Like repr, it escapes lone surrogates, so the result can always be logged and encoded."""
+    try:
+        text = _repr.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class PrefixServeError(Exception):
@@ -59,3 +78,9 @@ class PrefixPathError(PrefixServeError, ValueError):
 
 class InvalidPromptError(PrefixServeError, ValueError):
     """A prompt is empty or holds token ids outside the vocabulary."""
+
+
+class RequestTimeoutError(PrefixServeError):
+    """A request did not finish within the server's request deadline (--request-timeout); it was aborted."""
+
+    http_status = 504

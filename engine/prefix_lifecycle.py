@@ -29,9 +29,10 @@ class PrefixLifecycle:
 
     def load(self, name: str, path: str, check_path: bool = False) -> None:
         """Register a PEFT prefix adapter (config and tensor header checked now; its data is read when a request
-        first needs it). A failed check raises and changes nothing."""
+        first needs it). A failed check raises and changes nothing. With `check_path` (a path from a request) the
+        resolved path is registered: a directory symlink changed later does not move it out of the roots."""
         if check_path:
-            self.registry.check_path_allowed(path)
+            path = self.registry.check_path_allowed(path)
         info = self.registry.register(name, path, check_tensor=True)  # on failure the old registration stays
         self._new_key(name, info.path)
 

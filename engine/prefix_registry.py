@@ -47,17 +47,9 @@ class PrefixRegistry:
                                      f"loaded prefixes: {known}{' ...' if len(self._prefixes) > 10 else ''}.")
         return info
 
-    def check_path_allowed(self, path: str) -> None:
-        """Paths that come from requests must lie inside a configured root."""
-        if not self.allowed_roots:
-            raise PrefixPathError("Loading prefixes by path is disabled: start the server with --prefix-dir "
-                                  "(or --allowed-prefix-root) to allow paths under that directory.")
-        if "\x00" in path:
-            raise InvalidAdapterError("A prefix path cannot contain a NUL character.")
-        resolved = Path(path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self.allowed_roots):
-            roots = ", ".join(str(r) for r in self.allowed_roots)
-            raise PrefixPathError(f"Prefix path {path!r} is outside the allowed prefix roots ({roots}).")
+    def check_path_allowed(self, path: str) -> str:
+        """A path that comes from a request, resolved, if it lies inside a configured root (see allowed_path)."""
+        return allowed_path(path, self.allowed_roots)
 
     def register(self, name: str, path: str, check_tensor: bool = False) -> PrefixInfo:
         """Check an adapter's config (and with `check_tensor` its tensor header) against the base model, then
@@ -93,6 +85,30 @@ class PrefixRegistry:
             check_adapter_tensor(info.path, self.spec, info.num_virtual_tokens)
             info.tensor_checked = True
         return info
+
+
+def allowed_path(path: str, roots: list[Path]) -> str:
+    """`path` resolved, if it and the adapter files in it lie inside one of the (resolved) `roots`: a symlink,
+    of the directory or of a file in it, may not lead out of them. Messages name no path: the roots are the
+    server's business, and the path is the client's own."""
+    if not roots:
+        raise PrefixPathError("Loading prefixes by path is disabled: start the server with --prefix-dir "
+                              "(or --allowed-prefix-root) to allow paths under that directory.")
+    if "\x00" in path:
+        raise InvalidAdapterError("A prefix path cannot contain a NUL character.")
+    try:
+        resolved = Path(path).resolve()
+        files = {name: (resolved / name).resolve() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop, an undecodable name
+        raise InvalidAdapterError(f"The prefix path cannot be resolved ({type(exc).__name__}).") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise PrefixPathError("The prefix path lies outside the allowed prefix roots (the server's --prefix-dir "
+                              "and --allowed-prefix-root directories).")
+    for name, target in files.items():
+        if not any(target.is_relative_to(root) for root in roots):
+            raise PrefixPathError(f"{name} in the prefix directory links to a file outside the allowed prefix "
+                                  "roots.")
+    return str(resolved)
 
 
 def read_adapter_config(path: str, spec: ModelSpec) -> int:

@@ -24,6 +24,12 @@ ARCHS = ("llama", "mistral", "qwen2", "gpt2")
 ADAPTERS = {"p5": (5, False, 1), "p8proj": (8, True, 2), "p16": (16, False, 3)}
 
 
+def pytest_configure(config):
+    # pyproject's markers are those of the whole project; this one belongs to tests/test_reliability.py
+    config.addinivalue_line("markers", "reliability: the reliability suite (tests/test_reliability.py); its long "
+                                       "variants are also marked slow, so the default run keeps the short ones")
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """arch -> {"model": dir, "adapters": {name: dir}}, built lazily per architecture."""

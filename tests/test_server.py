@@ -245,6 +245,9 @@ def test_models_lists_the_base_model_and_every_prefix_with_its_parent(server):
     assert models[BASE].model_extra["parent"] is None
     assert set(PREFIXES) <= set(models)
     assert all(models[p].model_extra["parent"] == BASE for p in PREFIXES)
+    # a root names no server directory: the base model's name, a prefix's directory under its root
+    assert models[BASE].model_extra["root"] == BASE
+    assert all(models[p].model_extra["root"] == p for p in PREFIXES)
 
 
 def test_load_use_and_unload_a_prefix_while_a_request_runs_on_it(server, stack, offline):
@@ -297,7 +300,8 @@ def assert_serves_normally(server):
     ({"extra_body": {"seed": 2**64}}, "seed"),
     ({"extra_body": {"top_k": 2**63}}, "top_k"), ({"extra_body": {"stop_token_ids": [2**70]}}, "stop_token_ids"),
     ({"extra_body": {"max_tokens": 10**23}}, "max_tokens"), ({"n": 1000}, "exceeds max_num_seqs"),
-    ({"extra_body": {"prompt": [2**70]}}, "cannot be sent")])
+    ({"extra_body": {"prompt": [2**70]}}, "must be integers in [0, 320)"),
+    ({"extra_body": {"prompt": [320]}}, "must be integers in [0, 320)")])
 def test_bad_parameters_are_400_and_the_server_keeps_serving(server, params, fragment):
     with pytest.raises(openai.BadRequestError) as err:
         client(server).completions.create(model="task0", prompt="hi", **params)
@@ -363,6 +367,7 @@ def test_a_prefix_whose_file_vanished_fails_its_request_with_500_and_nothing_els
 
     bad, good = asyncio.run(both())
     assert isinstance(bad, openai.InternalServerError) and "could not be loaded" in bad.message, bad
+    assert str(stack["root"]) not in bad.message and "doomed" in bad.message  # relative to its root
     assert good.choices[0].text == greedy(offline, ["ahoy matey"], ["task4"], 6)[0].text
     assert_no_leak(server)
     status, body = http("POST", server.url + "/v1/completions", {"model": "doomed", "prompt": "one", "max_tokens": 4,
@@ -397,9 +402,12 @@ def test_missing_or_wrong_api_key_is_401_except_on_health(server):
 
 
 def test_a_prompt_that_is_too_long_is_400_with_the_lengths(server):
-    with pytest.raises(openai.BadRequestError) as err:
-        client(server).completions.create(model="task2", prompt=[7] * 300, max_tokens=2)
-    assert "300" in err.value.message and "256" in err.value.message and "7" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # fits alone, not after task2's 7 virtual tokens
+        client(server).completions.create(model="task2", prompt=[9] * 250, max_tokens=2)
+    assert "250" in err.value.message and "256" in err.value.message and "7" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # refused by the frontend, before the engine
+        client(server).completions.create(model="task2", prompt=[9] * 300, max_tokens=2)
+    assert "300 token ids" in err.value.message and "256" in err.value.message
     assert_serves_normally(server)
 
 
@@ -407,6 +415,16 @@ def test_loading_a_prefix_outside_the_allowed_roots_is_403_and_bad_bodies_are_40
     status, body = http("POST", server.url + "/v1/load_prefix",
                         {"prefix_name": "evil", "prefix_path": str(stack["outside"]["task30"])})
     assert status == 403 and "outside the allowed prefix roots" in json.loads(body)["error"]["message"]
+    assert str(stack["root"]) not in body.decode()  # neither the roots nor the path
+    # a file symlink inside an allowed root that leads out of the roots is refused as well
+    linked = stack["root"] / "loadable" / "linked"
+    linked.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (linked / name).symlink_to(stack["outside"]["task30"] / name)
+    status, body = http("POST", server.url + "/v1/load_prefix", {"prefix_name": "evil", "prefix_path": str(linked)})
+    assert status == 403 and "links to a file outside" in json.loads(body)["error"]["message"]
+    assert str(stack["root"]) not in body.decode()
+    assert "evil" not in {m.id for m in client(server).models.list().data}
     assert http("POST", server.url + "/v1/load_prefix", {"prefix_name": "x"})[0] == 400
     assert http("POST", server.url + "/v1/completions", raw=b"{not json")[0] == 400
     status, body = http("GET", server.url + "/v1/no-such-route")

@@ -3,7 +3,8 @@
 The event loop never blocks on the engine: a writer thread sends commands, and a reader thread receives each
 step's batch, turns new token ids into text (incremental detokenization, here rather than in the engine loop)
 and hands the results to the loop in one `call_soon_threadsafe` per batch. Each request gets `RequestUpdate`s
-on an asyncio.Queue that its handler owns.
+on an asyncio.Queue that its handler owns. The reader notes when the engine last sent anything (a batch or a
+heartbeat): `silent_for` is how /health tells a wedged engine from a busy one.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.errors import InvalidPromptError, PrefixServeError
+from engine.errors import InvalidPromptError, PrefixServeError, quote
 from engine.sampling_params import SamplingParams
 from engine.serving.engine_process import EngineProcessOptions, pack, run_engine_process, unpack
+from engine.serving.protocol import BadRequestError
 
 logger = logging.getLogger("prefix_serve.async_engine")
 
@@ -236,6 +238,7 @@ class AsyncEngineClient:
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self.dead: str | None = None  # why the engine is gone, once it is
         self.dead_event: asyncio.Event | None = None
+        self._last_heard = time.monotonic()  # when the engine last sent a message (set by the reader thread)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self, timeout: float = 900.0) -> dict:
@@ -244,7 +247,8 @@ class AsyncEngineClient:
         engine_reads, self._to_engine = ctx.Pipe(duplex=False)
         self._from_engine, engine_writes = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=run_engine_process, name="prefix-serve-engine",
-                                    args=(self.config, self.options, engine_reads, engine_writes), daemon=True)
+                                    args=(self.config, self.options, engine_reads, engine_writes),
+                                    daemon=False)  # not daemonic: it starts the model's rank processes (mp)
         self._process.start()
         engine_reads.close()
         engine_writes.close()
@@ -270,6 +274,7 @@ class AsyncEngineClient:
         """Start the reader and writer threads; results are delivered on `loop`."""
         self._loop = loop
         self.dead_event = asyncio.Event()
+        self._last_heard = time.monotonic()
         threading.Thread(target=self._read_loop, name="engine-reader", daemon=True).start()
         threading.Thread(target=self._write_loop, name="engine-writer", daemon=True).start()
 
@@ -289,6 +294,12 @@ class AsyncEngineClient:
     def alive(self) -> bool:
         return self.dead is None and self._process is not None and self._process.is_alive()
 
+    @property
+    def silent_for(self) -> float:
+        """Seconds since the engine last sent anything; its loop sends at least a heartbeat every second, so a
+        long silence means it is stopped, or stuck in one step."""
+        return time.monotonic() - self._last_heard
+
     # ---- requests -------------------------------------------------------------------------------------------
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefix: str | None,
                   sink: asyncio.Queue, tag: object = None, stream: bool = True) -> None:
@@ -299,7 +310,8 @@ class AsyncEngineClient:
             data = pack({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": params,
                          "prefix": prefix})
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. a token id beyond 64 bits
-            raise InvalidPromptError(f"The request holds a value that cannot be sent to the engine: {exc}.") from None
+            raise InvalidPromptError(f"The request holds a value that cannot be sent to the engine: "
+                                     f"{quote(str(exc))}.") from None
         stop_prefixes = StopPrefixAutomaton(params.stop_strings) if stream and params.stop_strings else None
         self._requests[request_id] = _RequestState(sink, tag, stream, stop_prefixes)
         future = self._loop.create_future()
@@ -325,9 +337,14 @@ class AsyncEngineClient:
         if self.dead is not None:
             raise EngineDeadError(f"The engine process is not running ({self.dead}).")
         call_id = next(self._call_ids)
+        try:  # encoded before a reply is awaited: a value that cannot be sent leaves nothing behind
+            data = pack({"op": "call", "call_id": call_id, "method": method, "args": args})
+        except (OverflowError, TypeError, ValueError) as exc:  # a lone surrogate in a name is a ValueError
+            raise BadRequestError(f"The request holds a value that cannot be sent to the engine: "
+                                  f"{quote(str(exc))}.") from None
         future = self._loop.create_future()
         self._pending[call_id] = future
-        self._send({"op": "call", "call_id": call_id, "method": method, "args": args})
+        self._out.put(data)
         try:
             reply = await future
         except BaseException:
@@ -353,6 +370,9 @@ class AsyncEngineClient:
         try:
             while True:
                 msg = unpack(self._from_engine.recv_bytes())
+                self._last_heard = time.monotonic()
+                if msg["op"] == "heartbeat":
+                    continue
                 if msg["op"] == "fatal":
                     reason = "the engine loop crashed"
                     logger.error("engine loop crashed:\n%s", msg.get("message"))

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 
 from engine.config import EngineConfig
 from engine.errors import PrefixServeError, UnknownPrefixError

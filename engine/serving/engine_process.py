@@ -4,9 +4,13 @@ The HTTP frontend (`engine.serving.async_engine`) and this loop talk over two pi
 messages, encoded by the project's one codec (`engine.wire`: each message is [version, map]).
 The loop never waits on HTTP work: it reads only what has already arrived (`poll(0)`) and hands its outgoing
 messages to a sender thread, so a slow or stalled frontend cannot hold a step back. It blocks only when it has
-nothing to run.
+nothing to run, and then for at most half a heartbeat interval: a loop that sent nothing for HEARTBEAT_SECONDS
+sends a heartbeat, so the frontend can tell a wedged engine (no message for several seconds) from an idle one.
 
-Frontend -> engine, version 2:
+What leaves the engine for a client names no server directory: errors and listed paths have the prefix roots cut
+off (`PathRedactor`), and an unexpected error is reported by its type only (its text goes to the log).
+
+Frontend -> engine, version 3:
   {"op": "add", "id", "tokens": [int], "params": SamplingParams (as its field list), "prefix": str | None}
   {"op": "abort", "ids": [request_id, ...]}
   {"op": "call", "call_id": int, "method": str, "args": {...}}    methods: see EngineLoop._call_*
@@ -15,6 +19,7 @@ Engine -> frontend:
   {"op": "ready", "model_path", "max_model_len", "vocab_size", "num_prefixes", "pid"}
   {"op": "failed", "message"}      # startup failed (bad model, bad prefix directory, ...)
   {"op": "fatal", "message"}       # the loop crashed; the process exits next
+  {"op": "heartbeat", "steps"}     # nothing else was sent for HEARTBEAT_SECONDS; the loop still turns
   {"op": "batch",
    "replies": [{"id" | "call_id", "ok": bool, "result" | "error": {"status", "type", "message"}}, ...],
    "outputs": [[request_id, finished, [[index, new_token_ids, finish_reason, stop_reason, final_text], ...]
@@ -45,7 +50,9 @@ from engine.peft_format import ADAPTER_CONFIG
 from engine.sampling_params import SamplingParams
 from engine.wire import ProtocolError as EngineProtocolError  # a message with the wrong version or shape
 
-VERSION = 2
+VERSION = 3
+HEARTBEAT_SECONDS = 1.0  # the loop sends something at least this often (the frontend's /health watches it)
+LOG_LINE_LIMIT = 2000  # characters of one log line; a request's values are quoted shorter still (errors.quote)
 logger = logging.getLogger("prefix_serve.engine_process")
 
 
@@ -60,11 +67,61 @@ def unpack(data: bytes) -> dict:
     return message
 
 
-def error_payload(exc: BaseException) -> dict:
-    """An exception as the frontend needs it: HTTP status, a type name and a message for the user."""
+class PathRedactor:
+    """Cuts the server's prefix roots out of what goes to a client: a path under a root becomes relative to it
+    (`task3/adapter_model.safetensors`), a root alone becomes `<prefix root>`."""
+
+    def __init__(self, roots):
+        forms = set()
+        for root in roots:
+            for form in (str(root), str(Path(root).resolve())):
+                if form.rstrip("/"):  # "/" itself would cut every slash
+                    forms.add(form.rstrip("/"))
+        self._roots = sorted(forms, key=len, reverse=True)  # the longest first: nested roots
+
+    def path(self, path: str) -> str:
+        """A prefix's path as a client sees it: relative to its root, else its last component."""
+        for root in self._roots:
+            if path.startswith(root + "/"):
+                return path[len(root) + 1:]
+        return Path(path).name
+
+    def text(self, message: str) -> str:
+        for root in self._roots:
+            message = message.replace(root + "/", "").replace(root, "<prefix root>")
+        return message
+
+
+def error_payload(exc: BaseException, redactor: PathRedactor | None = None) -> dict:
+    """An exception as the frontend needs it: HTTP status, a type name and a message for the user. An error that
+    is not a PrefixServeError is a bug: its text may hold anything, so only its type goes to the client."""
     if isinstance(exc, PrefixServeError):
-        return {"status": exc.http_status, "type": type(exc).__name__, "message": str(exc)}
-    return {"status": 500, "type": "InternalServerError", "message": f"{type(exc).__name__}: {exc}"}
+        message = str(exc) if redactor is None else redactor.text(str(exc))
+        return {"status": exc.http_status, "type": type(exc).__name__, "message": message}
+    return {"status": 500, "type": "InternalServerError",
+            "message": f"Internal error in the engine ({type(exc).__name__}); the server log has the details."}
+
+
+class ClippedFormatter(logging.Formatter):
+    """Cuts every line of a log record (a traceback's lines too) to LOG_LINE_LIMIT characters, so no value a
+    client sent can make a huge log line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if len(text) <= LOG_LINE_LIMIT:
+            return text
+        return "\n".join(line if len(line) <= LOG_LINE_LIMIT else f"{line[:LOG_LINE_LIMIT]}... ({len(line)} chars)"
+                         for line in text.split("\n"))
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """logging.basicConfig with a ClippedFormatter (the server's and the engine process's logs); like
+    basicConfig, nothing changes where logging is configured already."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(ClippedFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 @dataclass(frozen=True)
@@ -96,6 +153,8 @@ class EngineLoop:
         self._replies: list[dict] = []
         self._unloaded: set[str] = set()  # names unloaded by the user: never re-registered lazily
         self._running = True
+        self._last_sent = time.monotonic()
+        self.redactor = PathRedactor([*engine.config.allowed_prefix_roots, *options.prefix_dirs])
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -118,8 +177,8 @@ class EngineLoop:
 
     def _drain(self, block: bool, limit: int = 4096) -> None:
         """Handle the messages that have arrived (at most `limit`, so a flood cannot starve the step); wait for
-        one only when there is nothing to run."""
-        timeout = 1.0 if block else 0.0
+        one only when there is nothing to run, and not past half a heartbeat interval."""
+        timeout = HEARTBEAT_SECONDS / 2 if block else 0.0
         for _ in range(limit):
             if not (self._running and self._receive.poll(timeout)):
                 return
@@ -134,10 +193,15 @@ class EngineLoop:
     def _flush(self, outputs: list | None = None, step_seconds: float | None = None) -> None:
         stats = self.engine.stats
         load_seconds, stats.prefix_load_seconds = stats.prefix_load_seconds, []
+        now = time.monotonic()
         if self._replies or outputs or load_seconds or step_seconds is not None:
             self._send(pack({"op": "batch", "replies": self._replies, "outputs": outputs or [],
                              "load_seconds": load_seconds, "step_seconds": step_seconds}))
             self._replies = []
+            self._last_sent = now
+        elif now - self._last_sent >= HEARTBEAT_SECONDS:
+            self._send(pack({"op": "heartbeat", "steps": stats.steps}))
+            self._last_sent = now
 
     def _publish(self, outputs, step_seconds: float | None = None) -> None:
         wire = []
@@ -161,7 +225,7 @@ class EngineLoop:
             if out.finished:
                 del self._tracked[out.request_id]
             if out.error is not None:
-                wire.append([out.request_id, True, samples, error_payload(PrefixLoadError(out.error))])
+                wire.append([out.request_id, True, samples, error_payload(PrefixLoadError(out.error), self.redactor)])
             elif samples or out.finished:
                 wire.append([out.request_id, out.finished, samples])
         self._flush(wire, step_seconds)
@@ -193,7 +257,7 @@ class EngineLoop:
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the client that caused it
             if not isinstance(exc, PrefixServeError):
                 logger.exception("add_request %s failed", request_id)
-            self._replies.append({"id": request_id, "ok": False, "error": error_payload(exc)})
+            self._replies.append({"id": request_id, "ok": False, "error": error_payload(exc, self.redactor)})
             return
         self._tracked[request_id] = _Tracked()
         self._replies.append({"id": request_id, "ok": True})
@@ -204,7 +268,11 @@ class EngineLoop:
             return
         for root in self.options.prefix_dirs:
             candidate = Path(root) / name
-            if (candidate / ADAPTER_CONFIG).is_file():
+            try:
+                found = (candidate / ADAPTER_CONFIG).is_file()
+            except (OSError, ValueError):  # a name the file system refuses: no such prefix
+                return
+            if found:
                 self.engine.load_prefix(name, str(candidate))
                 return
 
@@ -217,7 +285,7 @@ class EngineLoop:
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, PrefixServeError):
                 logger.exception("engine call %s failed", msg.get("method"))
-            self._replies.append({"call_id": msg["call_id"], "ok": False, "error": error_payload(exc)})
+            self._replies.append({"call_id": msg["call_id"], "ok": False, "error": error_payload(exc, self.redactor)})
             return
         self._replies.append({"call_id": msg["call_id"], "ok": True, "result": result})
 
@@ -225,10 +293,12 @@ class EngineLoop:
         return "pong"
 
     def _call_load_prefix(self, name: str, path: str) -> dict:
+        """`path` was checked (form, allowed roots, symlinks) by the frontend before it came here; the check runs
+        again, cheaply, since the engine is what reads the files."""
         self.engine.load_prefix(name, path, check_path=True)
         self._unloaded.discard(name)
         info = self.engine.registry.get(name)
-        return {"name": name, "path": info.path, "num_virtual_tokens": info.num_virtual_tokens}
+        return {"name": name, "path": self.redactor.path(info.path), "num_virtual_tokens": info.num_virtual_tokens}
 
     def _call_unload_prefix(self, name: str) -> dict:
         self.engine.unload_prefix(name)
@@ -236,8 +306,9 @@ class EngineLoop:
         return {"name": name}
 
     def _call_list_prefixes(self) -> list:
+        """[name, path relative to its root] per registered prefix."""
         registry = self.engine.registry
-        return [[name, registry.get(name).path] for name in registry.names()]
+        return [[name, self.redactor.path(registry.get(name).path)] for name in registry.names()]
 
     def _call_stats(self) -> dict:
         engine, stats, bm = self.engine, self.engine.stats, self.engine.block_manager
@@ -267,7 +338,9 @@ class EngineLoop:
                 "steps": engine.stats.steps, "decode_run_steps": engine.stats.decode_run_steps}
 
 def _is_plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    """One directory name: no separators, not `.` or `..`, and short enough for the file system."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and len(name.encode("utf-8", "surrogatepass")) <= 255)
 
 
 class _Sender:
@@ -296,7 +369,7 @@ class _Sender:
 
 def run_engine_process(config: EngineConfig, options: EngineProcessOptions, receive, send) -> None:
     """Entry point of the spawned engine process: build the EngineCore, say ready, loop."""
-    logging.basicConfig(level=options.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
+    configure_logging(options.log_level, "%(asctime)s engine %(levelname)s %(message)s")
     sender = _Sender(send)
     try:
         from engine.llm_engine import EngineCore
@@ -325,4 +398,4 @@ def run_engine_process(config: EngineConfig, options: EngineProcessOptions, rece
 
 
 __all__ = ["EngineLoop", "EngineProcessOptions", "run_engine_process", "pack", "unpack", "VERSION",
-           "EngineProtocolError", "error_payload"]
+           "HEARTBEAT_SECONDS", "EngineProtocolError", "error_payload", "PathRedactor", "configure_logging"]

@@ -5,18 +5,34 @@ whose `http_status` becomes the response status; `error_body` renders any of the
 
 Extensions beyond OpenAI's fields, as in vLLM: `top_k`, `ignore_eos`, `stop_token_ids` (sampling), and
 `return_token_ids` (each choice then carries `token_ids`, and `prompt_token_ids` for completions).
+
+What a request may hold is bounded here, before anything reaches the engine: the body's size and charset, the
+length and form of names and paths (they become file names), valid Unicode in every text the model sees, and the
+length and range of token-id prompts. Messages quote what was sent through `quote` (a few hundred characters).
 """
 
 from __future__ import annotations
 
+import codecs
+import gc
+import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
-from engine.errors import InvalidPromptError, InvalidSamplingParamsError, PrefixServeError
+from engine.errors import InvalidPromptError, InvalidSamplingParamsError, PrefixServeError, PromptTooLongError, quote
 from engine.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# The body is parsed on the event loop, holding the GIL: this bounds how long one body can hold back every stream
+# (about 0.25 s for 8 MiB of the costliest shape, millions of empty lists). A prompt that fills a 128k context is
+# under 1 MiB, as text or as token ids.
+MAX_BODY_BYTES = 8 << 20
+MAX_NAME_BYTES = 255  # a model or prefix name; a prefix name is also a directory name (NAME_MAX)
+MAX_PATH_BYTES = 4096  # a prefix path (PATH_MAX); each of its components is at most MAX_NAME_BYTES
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escapes give strings no encoder accepts
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -49,6 +65,71 @@ def new_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex}"
 
 
+# ---- bounds and forms -------------------------------------------------------------------------------------------
+def parse_json_body(raw: bytes, charset: str | None) -> dict:
+    """A request body -> a JSON object. The cyclic garbage collector is paused while it parses: a body of
+    millions of empty lists otherwise took several collections, and seconds, to build."""
+    try:
+        text = raw.decode(codecs.lookup(charset).name if charset else "utf-8")
+    except LookupError:  # an unknown charset, or a codec that is not a text encoding
+        _bad(f"Content-Type names the charset {quote(charset, 60)}, which this server cannot read; send JSON as "
+             "UTF-8.")
+    except UnicodeDecodeError as exc:
+        _bad(f"The request body is not valid {exc.encoding} text: {exc.reason} at byte {exc.start}.")
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError, as is an over-long integer
+        _bad(f"The request body is not valid JSON: {quote(str(exc))}")
+    finally:
+        if collecting:
+            gc.enable()
+    if not isinstance(body, dict):
+        _bad("The request body must be a JSON object.")
+    return body
+
+
+def check_text(text: str, what: str, cls: type[PrefixServeError] = InvalidPromptError) -> str:
+    """Refuse a string that is not valid Unicode: a lone surrogate (JSON "\\ud800") cannot be tokenized, encoded
+    for the engine or written to a file name."""
+    match = _SURROGATE.search(text)
+    if match is not None:
+        _bad(f"{what} holds a lone UTF-16 surrogate (U+{ord(match.group()):04X}) at character {match.start()}, "
+             "which is not valid Unicode text.", cls)
+    return text
+
+
+def check_name(name, what: str) -> str:
+    """A model or prefix name: a non-empty string of at most MAX_NAME_BYTES UTF-8 bytes, without NUL."""
+    if not isinstance(name, str) or not name:
+        _bad(f"{what} must be a non-empty string.")
+    check_text(name, what, BadRequestError)
+    size = len(name.encode())
+    if size > MAX_NAME_BYTES:
+        _bad(f"{what} is {size} bytes long; names have at most {MAX_NAME_BYTES} bytes (UTF-8).")
+    if "\x00" in name:
+        _bad(f"{what} cannot contain a NUL character.")
+    return name
+
+
+def check_path_form(path, what: str = "'prefix_path'") -> str:
+    """A path from a request, checked for form only (no file-system access): a non-empty string of valid
+    Unicode without NUL, at most MAX_PATH_BYTES bytes, each component at most MAX_NAME_BYTES."""
+    if not isinstance(path, str) or not path:
+        _bad(f"{what} must be a non-empty string (a PEFT prefix-tuning adapter directory).")
+    check_text(path, what, BadRequestError)
+    if "\x00" in path:
+        _bad(f"{what} cannot contain a NUL character.")
+    size = len(path.encode())
+    if size > MAX_PATH_BYTES:
+        _bad(f"{what} is {size} bytes long; paths have at most {MAX_PATH_BYTES} bytes.")
+    longest = max(len(part.encode()) for part in path.split("/"))
+    if longest > MAX_NAME_BYTES:
+        _bad(f"{what} has a component of {longest} bytes; each has at most {MAX_NAME_BYTES} bytes.")
+    return path
+
+
 # ---- requests ---------------------------------------------------------------------------------------------------
 def _bad(message: str, cls: type[PrefixServeError] = BadRequestError):
     raise cls(message)
@@ -60,7 +141,9 @@ def _field(body: dict, key: str, types: tuple, what: str, default=None):
     if value is None:
         return default
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        _bad(f"'{key}' must be {what}, got {value!r}.", InvalidSamplingParamsError)
+        _bad(f"'{key}' must be {what}, got {quote(value)}.", InvalidSamplingParamsError)
+    if float not in types and value.bit_length() > 64:  # JSON integers may have thousands of digits
+        _bad(f"'{key}' must be {what} of at most 64 bits, got {quote(value, 40)}.", InvalidSamplingParamsError)
     return value
 
 
@@ -82,20 +165,47 @@ def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
     max_tokens = _field(body, "max_completion_tokens", integer, "an integer")
     if max_tokens is None:
         max_tokens = _field(body, "max_tokens", integer, "an integer", default_max_tokens)
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, (str, list)):
-        _bad(f"'stop' must be a string or a list of strings, got {stop!r}.", InvalidSamplingParamsError)
-    stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None and not isinstance(stop_token_ids, list):
-        _bad(f"'stop_token_ids' must be a list of integers, got {stop_token_ids!r}.", InvalidSamplingParamsError)
     return SamplingParams(
         n=n, max_tokens=max_tokens,
         temperature=_field(body, "temperature", number, "a number", 1.0),
         top_p=_field(body, "top_p", number, "a number", 1.0),
         top_k=_field(body, "top_k", integer, "an integer", -1),
         seed=_field(body, "seed", integer, "an integer"),
-        stop=stop, stop_token_ids=stop_token_ids,
+        stop=_stop(body.get("stop")), stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
         ignore_eos=_field(body, "ignore_eos", (bool,), "true or false", False))
+
+
+def _stop(stop) -> str | list[str] | None:
+    """Forms and counts first, with short messages; SamplingParams then checks the lengths."""
+    if stop is None:
+        return None
+    if not isinstance(stop, (str, list)):
+        _bad(f"'stop' must be a string or a list of strings, got {quote(stop)}.", InvalidSamplingParamsError)
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > SamplingParams.MAX_STOP_STRINGS:
+        _bad(f"stop takes at most {SamplingParams.MAX_STOP_STRINGS} strings, got {len(stops)}.",
+             InvalidSamplingParamsError)
+    for text in stops:
+        if not isinstance(text, str) or not text:
+            _bad(f"stop must be a non-empty string or a list of them; one is {quote(text, 80)}.",
+                 InvalidSamplingParamsError)
+        check_text(text, "A stop string", InvalidSamplingParamsError)
+    return stop
+
+
+def _stop_token_ids(ids) -> list[int] | None:
+    if ids is None:
+        return None
+    if not isinstance(ids, list):
+        _bad(f"'stop_token_ids' must be a list of integers, got {quote(ids)}.", InvalidSamplingParamsError)
+    if len(ids) > SamplingParams.MAX_STOP_TOKEN_IDS:
+        _bad(f"stop_token_ids takes at most {SamplingParams.MAX_STOP_TOKEN_IDS} ids, got {len(ids)}.",
+             InvalidSamplingParamsError)
+    for token in ids:
+        if type(token) is not int or not 0 <= token <= SamplingParams.MAX_INT:
+            _bad(f"stop_token_ids must be non-negative integers of at most 64 bits; one is {quote(token, 40)}.",
+                 InvalidSamplingParamsError)
+    return ids
 
 
 @dataclass
@@ -110,10 +220,10 @@ def stream_options(body: dict) -> StreamOptions:
     if options is None:
         options = {}
     elif not isinstance(options, dict):
-        _bad(f"'stream_options' must be an object, got {options!r}.")
+        _bad(f"'stream_options' must be an object, got {quote(options)}.")
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
-        _bad(f"'stream_options.include_usage' must be true or false, got {include_usage!r}.")
+        _bad(f"'stream_options.include_usage' must be true or false, got {quote(include_usage)}.")
     return StreamOptions(stream, stream and include_usage)
 
 
@@ -131,10 +241,12 @@ class CompletionRequest:
     return_token_ids: bool
 
 
-def parse_completion_request(body: dict) -> CompletionRequest:
+def parse_completion_request(body: dict, max_model_len: int | None = None,
+                             vocab_size: int | None = None) -> CompletionRequest:
+    """`max_model_len` and `vocab_size` bound token-id prompts here, before they travel to the engine."""
     _common_unsupported(body)
     _reject_unsupported(body, {"logprobs": lambda v: v is not False, "echo": bool, "suffix": bool})
-    return CompletionRequest(model=_model(body), prompts=_prompts(body.get("prompt")),
+    return CompletionRequest(model=_model(body), prompts=_prompts(body.get("prompt"), max_model_len, vocab_size),
                              params=sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS),
                              stream=stream_options(body), return_token_ids=_return_token_ids(body))
 
@@ -142,7 +254,7 @@ def parse_completion_request(body: dict) -> CompletionRequest:
 def _model(body: dict) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        _bad(f"'model' must be a string, got {model!r}.")
+        _bad(f"'model' must be a string, got {quote(model)}.")
     return model or None
 
 
@@ -150,21 +262,35 @@ def _return_token_ids(body: dict) -> bool:
     return bool(_field(body, "return_token_ids", (bool,), "true or false", False))
 
 
-def _is_token_list(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in value)
+def _token_ids(ids: list, max_model_len: int | None, vocab_size: int | None) -> list[int]:
+    """A token-id prompt, its length checked before its elements (a list of millions is refused at once)."""
+    if max_model_len is not None and len(ids) + 1 > max_model_len:
+        raise PromptTooLongError(f"The prompt has {len(ids)} token ids; with one generated token that exceeds the "
+                                 f"maximum context of {max_model_len} tokens.")
+    bound = vocab_size if vocab_size is not None else 1 << 63
+    if not all(type(t) is int and 0 <= t < bound for t in ids):
+        bad = next(t for t in ids if not (type(t) is int and 0 <= t < bound))
+        _bad(f"Prompt token ids must be integers in [0, {bound}); got {quote(bad, 40)}.", InvalidPromptError)
+    return ids
 
 
-def _prompts(prompt) -> list[str | list[int]]:
+def _prompts(prompt, max_model_len: int | None = None, vocab_size: int | None = None) -> list[str | list[int]]:
     """OpenAI accepts a string, a list of strings, a list of token ids, or a list of token-id lists."""
     if isinstance(prompt, str):
-        return [prompt]
-    if _is_token_list(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
-        return list(prompt)
+        return [check_text(prompt, "The prompt")]
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int) and not isinstance(first, bool):
+            return [_token_ids(prompt, max_model_len, vocab_size)]
+        if isinstance(first, (str, list)):
+            if len(prompt) > MAX_PROMPTS:
+                _bad(f"'prompt' lists {len(prompt)} prompts; one request takes at most {MAX_PROMPTS}.",
+                     InvalidPromptError)
+            if all(isinstance(p, str) or isinstance(p, list) and p for p in prompt):
+                return [check_text(p, f"Prompt {i}") if isinstance(p, str) else
+                        _token_ids(p, max_model_len, vocab_size) for i, p in enumerate(prompt)]
     _bad("'prompt' must be a string, a list of strings, a non-empty list of token ids, or a list of such "
-         f"lists; got {str(prompt)[:80]!r}.", InvalidPromptError)
+         f"lists; got {quote(prompt, 80)}.", InvalidPromptError)
 
 
 @dataclass
@@ -193,7 +319,7 @@ def parse_chat_request(body: dict) -> ChatRequest:
 
 def _message(message) -> dict:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        _bad(f"Each message needs a string 'role' and a 'content'; got {str(message)[:80]!r}.", InvalidPromptError)
+        _bad(f"Each message needs a string 'role' and a 'content'; got {quote(message, 80)}.", InvalidPromptError)
     content = message.get("content")
     if content is None:
         content = ""
@@ -205,26 +331,17 @@ def _message(message) -> dict:
             texts.append(part["text"])
         content = "".join(texts)
     elif not isinstance(content, str):
-        _bad(f"Message content must be a string or a list of text parts; got {content!r}.", InvalidPromptError)
-    return {"role": message["role"], "content": content}
+        _bad(f"Message content must be a string or a list of text parts; got {quote(content)}.", InvalidPromptError)
+    return {"role": check_text(message["role"], "A message's role"), "content": check_text(content, "A message")}
 
 
 def parse_load_prefix(body: dict) -> tuple[str, str]:
-    name, path = body.get("prefix_name"), body.get("prefix_path")
-    if not isinstance(name, str) or not name:
-        _bad("'prefix_name' must be a non-empty string.")
-    if not isinstance(path, str) or not path:
-        _bad("'prefix_path' must be a non-empty string (a PEFT prefix-tuning adapter directory).")
-    if "\x00" in path:
-        _bad("'prefix_path' cannot contain a NUL character.")
-    return name, path
+    """(name, path), checked for form; the path's place (under an allowed root) is checked by the caller."""
+    return check_name(body.get("prefix_name"), "'prefix_name'"), check_path_form(body.get("prefix_path"))
 
 
 def parse_unload_prefix(body: dict) -> str:
-    name = body.get("prefix_name")
-    if not isinstance(name, str) or not name:
-        _bad("'prefix_name' must be a non-empty string.")
-    return name
+    return check_name(body.get("prefix_name"), "'prefix_name'")
 
 
 # ---- responses --------------------------------------------------------------------------------------------------

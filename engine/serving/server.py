@@ -2,7 +2,9 @@
 
 The frontend parses and tokenizes requests, streams SSE, checks API keys and exports metrics; the EngineCore
 runs in its own process (`engine.serving.engine_process`), reached through `engine.serving.async_engine`. A
-prefix is chosen by putting its name in `model`, as vLLM does for LoRA adapters. docs/server.md describes the API.
+prefix is chosen by putting its name in `model`, as vLLM does for LoRA adapters. docs/server.md describes the API,
+`/openapi.json` (engine.serving.openapi) describes it for tools, and docs/reliability.md states what is promised
+under load and attack.
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine.errors import InvalidConfigError, PrefixServeError, PromptTooLongError
+from engine.errors import InvalidConfigError, PrefixServeError, PromptTooLongError, RequestTimeoutError, quote
 from engine.model_loader import DEMO_PREFIX_DIR
-from engine.serving import protocol
+from engine.prefix_registry import allowed_path
+from engine.serving import openapi, protocol
 from engine.serving.async_engine import raise_for
+from engine.serving.engine_process import HEARTBEAT_SECONDS, configure_logging
 from engine.serving.metrics import RequestTimer
 
 logger = logging.getLogger("prefix_serve.server")
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+DEFAULT_STALL_TIMEOUT = 5.0  # /health: seconds without a word from the engine loop before it answers 503
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,17 @@ class ServerSettings:
     max_model_len: int
     api_key: str | None = None
     debug_endpoints: bool = False
+    vocab_size: int | None = None  # token-id prompts are checked against it before they reach the engine
+    prefix_roots: tuple[str, ...] = ()  # where /v1/load_prefix paths may lead (checked here, then in the engine)
+    request_timeout: float | None = None  # a request still unfinished after this many seconds is aborted (504)
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate a client sent, quoted in a message: escaped, it is valid JSON
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def json_response(obj, status: int = 200) -> web.Response:
@@ -56,7 +70,11 @@ def error_response(status: int, message: str, code: str | None = None) -> web.Re
 
 
 class Generation:
-    """The engine requests behind one HTTP request (one per prompt): starts them, yields updates, aborts leftovers."""
+    """The engine requests behind one HTTP request (one per prompt): starts them, yields updates, aborts leftovers.
+
+    `close()` is safe at any moment, even before `start()`: every prompt counts as unfinished from the start, and
+    aborting a request the engine never got changes nothing. So a caller that puts `start()` inside the
+    try/finally that closes it aborts every request the engine accepted, however the handler ends."""
 
     def __init__(self, server: "OpenAIServer", request_id: str, prompts: list[list[int]], params, prefix,
                  stream: bool, arrival: float | None = None):
@@ -70,13 +88,27 @@ class Generation:
         self.stream = stream
         self.sink: asyncio.Queue = asyncio.Queue()
         self.arrival = time.monotonic() if arrival is None else arrival  # latencies count from here
+        timeout = server.settings.request_timeout
+        self.deadline = None if timeout is None else self.arrival + timeout
         self._unfinished = set(self.ids)
+
+    async def _in_time(self, awaitable):
+        """`awaitable`'s result, or RequestTimeoutError once the request's deadline has passed."""
+        if self.deadline is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, self.deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            self.close()
+            raise RequestTimeoutError(
+                f"The request did not finish within the server's deadline of {self.server.settings.request_timeout:g} "
+                "s (--request-timeout); it was aborted.") from None
 
     async def start(self) -> None:
         """Queue every prompt; if the engine rejects one, abort the others and raise its error."""
         adds = [self.client.add(rid, tokens, self.params, self.prefix, self.sink, tag=i, stream=self.stream)
                 for i, (rid, tokens) in enumerate(zip(self.ids, self.prompts))]
-        results = await asyncio.gather(*adds, return_exceptions=True)
+        results = await self._in_time(asyncio.gather(*adds, return_exceptions=True))
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.close()
@@ -86,7 +118,7 @@ class Generation:
         """Yield RequestUpdates until every prompt finished; records the latency histograms."""
         timers = {rid: RequestTimer(self.server.metrics, self.arrival) for rid in self.ids}
         while self._unfinished:
-            update = await self.sink.get()
+            update = await self._in_time(self.sink.get())
             if update.error is not None:  # the engine died, or this prompt failed after it was queued
                 self._unfinished.discard(update.request_id)
                 self.close()  # abort the request's other prompts
@@ -118,6 +150,8 @@ class OpenAIServer:
         self.settings = settings
         self.metrics = metrics
         self.base_name = settings.served_model_names[0]
+        self.prefix_roots = [Path(root).resolve() for root in settings.prefix_roots]
+        self.openapi: dict = {}  # built with the app, from the routes it registers
         client.on_load_seconds = metrics.prefix_load.observe
         client.on_step_seconds = metrics.engine_step.observe
 
@@ -127,7 +161,7 @@ class OpenAIServer:
     # ---- app ------------------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._count_middleware, self._error_middleware, self._auth_middleware],
-                              client_max_size=64 << 20)
+                              client_max_size=protocol.MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/v1/models", self.models)
@@ -135,8 +169,11 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/load_prefix", self.load_prefix)
         app.router.add_post("/v1/unload_prefix", self.unload_prefix)
+        app.router.add_get("/openapi.json", self.openapi_spec)
+        app.router.add_get("/docs", self.docs)
         if self.settings.debug_endpoints:
             app.router.add_get("/debug/engine_state", self.debug_state)
+        self.openapi = openapi.document(registered_routes(app), _version())
         return app
 
     @web.middleware
@@ -156,12 +193,15 @@ class OpenAIServer:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, exc.reason if exc.text is None else f"{exc.reason}: {request.path}")
+            message = exc.reason if exc.text is None else f"{exc.reason}: {quote(request.path)}"
+            return error_response(exc.status, message)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: log it, answer 500, keep serving
-            logger.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(500, f"Internal server error: {type(exc).__name__}: {exc}", "internal_error")
+            logger.exception("unhandled error on %s %s", request.method, quote(request.path))
+            # its text may hold anything (a path, a client's value): the log has it, the client gets the type
+            return error_response(500, f"Internal server error ({type(exc).__name__}); the server log has the "
+                                       "details.", "internal_error")
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler):
@@ -176,67 +216,93 @@ class OpenAIServer:
         return await handler(request)
 
     async def _body(self, request: web.Request) -> dict:
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise protocol.BadRequestError(f"The request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise protocol.BadRequestError("The request body must be a JSON object.")
-        return body
+        return protocol.parse_json_body(await request.read(), request.charset)
 
     def _prefix_for(self, model: str | None) -> str | None:
         """`model` names the base model (no prefix) or a prefix; the engine answers 404 for unknown names."""
         if model is None or model in self.settings.served_model_names:
             return None
-        return model
+        return protocol.check_name(model, "'model'")  # a prefix name is also a directory name: bound it here
+
+    async def _call(self, method: str, **args):
+        """An engine call, bounded by --request-timeout when it is set (a wedged engine would never answer)."""
+        timeout = self.settings.request_timeout
+        if timeout is None:
+            return await self.client.call(method, **args)
+        try:
+            return await asyncio.wait_for(self.client.call(method, **args), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"The engine did not answer within the server's deadline of {timeout:g} s "
+                                      "(--request-timeout).") from None
+
+    def _stalled(self) -> bool:
+        return self.client.silent_for > self.settings.stall_timeout
 
     # ---- simple routes --------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        """503 when the engine process is gone, or when its loop has sent nothing (not even its once-a-second
+        heartbeat) for --stall-timeout seconds: it is stopped, or stuck in one step."""
         if not self.client.alive:
             return error_response(503, f"The engine process is not running ({self.client.dead}).", "engine_dead")
+        if self._stalled():
+            return error_response(503, f"The engine has not reported for {self.client.silent_for:.1f} s (more than "
+                                       f"--stall-timeout {self.settings.stall_timeout:g} s): it is stopped or stuck "
+                                       "in one step.", "engine_stalled")
         return web.Response(text="")
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        if self.client.alive:
+        if self.client.alive and not self._stalled():  # a stalled engine would not answer: serve what is known
             try:
-                self.metrics.update_engine(await asyncio.wait_for(self.client.call("stats"), 30), True)
+                stats = await asyncio.wait_for(self.client.call("stats"), self.settings.stall_timeout)
+                self.metrics.update_engine(stats, True)
             except (PrefixServeError, asyncio.TimeoutError):
                 pass
         self.metrics.engine.engine_up = self.client.alive
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
+        """Roots name no server directory: a base model's is its name, a prefix's its directory relative to the
+        root it lies under."""
         created = int(time.time())
-        cards = [protocol.model_card(name, self.settings.model_path, None, self.settings.max_model_len, created)
+        cards = [protocol.model_card(name, name, None, self.settings.max_model_len, created)
                  for name in self.settings.served_model_names]
-        for name, path in await self.client.call("list_prefixes"):
+        for name, path in await self._call("list_prefixes"):
             cards.append(protocol.model_card(name, path, self.base_name, self.settings.max_model_len, created))
         return json_response({"object": "list", "data": cards})
 
     async def load_prefix(self, request: web.Request) -> web.Response:
+        """The path's form is checked first, then its place (resolved, in a thread: file-system work never runs
+        on the event loop, nor in the engine's loop for a path that is refused)."""
         name, path = protocol.parse_load_prefix(await self._body(request))
         if name in self.settings.served_model_names:
-            raise protocol.BadRequestError(f"{name!r} is the base model's name; choose another prefix name.")
-        info = await self.client.call("load_prefix", name=name, path=path)
+            raise protocol.BadRequestError(f"{quote(name)} is the base model's name; choose another prefix name.")
+        resolved = await asyncio.get_running_loop().run_in_executor(None, allowed_path, path, self.prefix_roots)
+        info = await self._call("load_prefix", name=name, path=resolved)
         return json_response({"status": "ok", "prefix_name": info["name"], "prefix_path": info["path"],
                               "num_virtual_tokens": info["num_virtual_tokens"]})
 
     async def unload_prefix(self, request: web.Request) -> web.Response:
         name = protocol.parse_unload_prefix(await self._body(request))
-        await self.client.call("unload_prefix", name=name)
+        await self._call("unload_prefix", name=name)
         return json_response({"status": "ok", "prefix_name": name})
 
     async def debug_state(self, request: web.Request) -> web.Response:
-        return json_response(await self.client.call("debug_state"))
+        return json_response(await self._call("debug_state"))
+
+    async def openapi_spec(self, request: web.Request) -> web.Response:
+        return json_response(self.openapi)
+
+    async def docs(self, request: web.Request) -> web.Response:
+        return web.Response(text=openapi.docs_page(self.openapi), content_type="text/html")
 
     # ---- completions ----------------------------------------------------------------------------------------
-    def _check_prompt_chars(self, text: str) -> None:
+    def _check_prompt_chars(self, chars: int) -> None:
         """Refuse, before tokenizing it, a text that has too many characters to fit the context in any case."""
-        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
             raise PromptTooLongError(
-                f"The prompt has {len(text)} characters, more than {self.max_prompt_chars} (a bound on what the "
+                f"The prompt has {chars} characters, more than {self.max_prompt_chars} (a bound on what the "
                 f"maximum context of {self.settings.max_model_len} tokens can hold); it was not tokenized.")
 
     def _tokenize(self, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -248,12 +314,13 @@ class OpenAIServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()  # the latency histograms count from here, before reading and tokenizing
-        req = protocol.parse_completion_request(await self._body(request))
+        req = protocol.parse_completion_request(await self._body(request), self.settings.max_model_len,
+                                                self.settings.vocab_size)
         if self.tokenizer is None and any(isinstance(p, str) for p in req.prompts):
             raise protocol.BadRequestError("This model has no tokenizer: send 'prompt' as token ids.")
         texts = [prompt for prompt in req.prompts if isinstance(prompt, str)]
         for text in texts:
-            self._check_prompt_chars(text)
+            self._check_prompt_chars(len(text))
         # token-id prompts need no tokenizer: no thread hop, so nothing can cancel the handler before the engine
         # has the request
         prompts = await self._in_tokenizer_thread(self._tokenize, req.prompts) if texts else req.prompts
@@ -263,6 +330,7 @@ class OpenAIServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
         req = protocol.parse_chat_request(await self._body(request))
+        self._check_prompt_chars(sum(len(m["content"]) for m in req.messages))  # before the template renders them
         prompt = await self._in_tokenizer_thread(self._chat_prompt, req)
         default_max = max(1, self.settings.max_model_len - len(prompt))  # the engine stops at the context anyway
         params = protocol.sampling_params(req.params_body, default_max)
@@ -275,8 +343,8 @@ class OpenAIServer:
         """Queue the prompts (errors become 4xx before any byte is sent), then answer at once or as SSE."""
         gen = Generation(self, protocol.new_id(kind), prompts, params, self._prefix_for(model), stream.stream,
                          arrival)
-        await gen.start()
-        try:
+        try:  # start() inside: a handler cancelled once the engine has accepted, but before start() returns, aborts
+            await gen.start()
             if stream.stream:
                 return await self._stream(request, gen, model or self.base_name, stream.include_usage,
                                           return_token_ids, chat)
@@ -292,7 +360,7 @@ class OpenAIServer:
                                                       add_generation_prompt=req.add_generation_prompt)
         except Exception as exc:  # noqa: BLE001 - jinja raises what the template author chose
             raise protocol.BadRequestError(f"The chat template rejected the messages: {exc}") from None
-        self._check_prompt_chars(text)
+        self._check_prompt_chars(len(text))
         return self.tokenizer(text, add_special_tokens=False).input_ids  # the template adds its own
 
     async def _complete(self, gen: Generation, model: str, return_token_ids: bool, chat: bool) -> web.Response:
@@ -376,7 +444,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="Run the OpenAI-compatible HTTP server.",
         description="Serve a base model and its PEFT prefix-tuning adapters over an OpenAI-compatible HTTP API "
                     "(/v1/completions, /v1/chat/completions, /v1/models, /v1/load_prefix, /v1/unload_prefix, "
-                    "/health, /metrics). Choose a prefix by putting its name in the request's `model`.")
+                    "/health, /metrics, /openapi.json, /docs). Choose a prefix by putting its name in the request's "
+                    "`model`.")
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="Hugging Face model directory. Omitted: the embedded SmolLM2-135M-Instruct, with the "
                              "demo prefixes in engine/demo_prefixes/ when the package ships them.")
@@ -390,6 +459,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="Names that select the base model in `model`; the first is reported in responses "
                           "(default: MODEL as given, or SmolLM2-135M-Instruct).")
+    net.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                     help="Abort a request still unfinished this many seconds after it arrived, and answer 504 (or "
+                          "an SSE error event once streaming) (default: no deadline).")
+    net.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+                     help="/health answers 503 when the engine loop has sent nothing, not even its heartbeat, for "
+                          "this long: it is stopped, or stuck in one step. Raise it above the longest step a slow "
+                          "device takes (default: %(default)s).")
     net.add_argument("--debug-endpoints", action="store_true",
                      help="Add GET /debug/engine_state (integrity check and KV block counts), for tests.")
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -409,9 +485,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--device", default=default["device"], help="cpu, cuda or cuda:N (default: %(default)s).")
     engine.add_argument("--dtype", default=default["dtype"], choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: float32 on CPU, bfloat16 on CUDA (default: %(default)s).")
-    engine.add_argument("--executor", default=default["executor"], choices=["inprocess", "ray"],
-                        help="Where the model worker runs: inside the engine process (inprocess), or as a Ray "
-                             "actor (ray; ray.init() honours $RAY_ADDRESS) (default: %(default)s).")
+    engine.add_argument("--executor", default=default["executor"], choices=["inprocess", "mp", "ray"],
+                        help="Where the model workers run: inside the engine process (inprocess, one rank), one "
+                             "local process per rank (mp), or one Ray actor per rank in a placement group (ray; "
+                             "ray.init() honours $RAY_ADDRESS) (default: inprocess for one rank, mp for several).")
+    engine.add_argument("--tensor-parallel-size", type=int, default=default["tensor_parallel_size"], metavar="N",
+                        help="Split the model over N ranks by attention head (Llama, Mistral, Qwen2); NCCL "
+                             "between GPUs, gloo on CPU (default: %(default)s).")
+    engine.add_argument("--placement-strategy", default=default["placement_strategy"],
+                        choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"],
+                        help="How the ray executor places its ranks on the cluster's nodes (default: %(default)s; "
+                             "ignored inside a caller's placement group, such as a Ray Serve replica's).")
+    engine.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                        help="Serve from N engine replicas on Ray Serve (a local Ray instance, or the cluster of "
+                             "$RAY_ADDRESS), each prefix routed to the replicas that hold it (docs/distributed.md). "
+                             "1: one engine process, no Ray (default: %(default)s).")
     engine.add_argument("--block-size", type=int, default=default["block_size"],
                         help="Tokens per KV-cache block (default: %(default)s).")
     engine.add_argument("--num-kv-blocks", type=int, default=default["num_kv_blocks"],
@@ -483,7 +571,7 @@ def run(args) -> int:
     from engine.serving.engine_process import EngineProcessOptions
     from engine.model_loader import EMBEDDED_MODEL_NAME
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
     prefix_dirs = _prefix_dirs(args)
     for root in args.allowed_prefix_root:
         if not Path(root).is_dir():
@@ -494,8 +582,16 @@ def run(args) -> int:
         # instead would be a silent surprise
         raise SystemExit(f"prefix-serve serve: --served-model-name took the directory {names[-1]!r} as a name. Put "
                          "MODEL before the option: prefix-serve serve MODEL --served-model-name NAME.")
+    if args.data_parallel_size < 1:
+        raise SystemExit(f"prefix-serve serve: --data-parallel-size must be at least 1, got {args.data_parallel_size}.")
     if args.decode_steps is not None and args.decode_steps < 1:
         raise SystemExit(f"prefix-serve serve: --decode-steps must be at least 1, got {args.decode_steps}.")
+    if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
+        raise SystemExit(f"prefix-serve serve: --request-timeout must be a positive number of seconds, got "
+                         f"{args.request_timeout}.")
+    if not 2 * HEARTBEAT_SECONDS <= args.stall_timeout < float("inf"):
+        raise SystemExit(f"prefix-serve serve: --stall-timeout must be at least {2 * HEARTBEAT_SECONDS:g} seconds "
+                         f"(the engine's heartbeat comes every {HEARTBEAT_SECONDS:g} s), got {args.stall_timeout}.")
     try:
         config = _engine_config(args, prefix_dirs)
     except InvalidConfigError as exc:
@@ -506,7 +602,28 @@ def run(args) -> int:
                                    log_level=args.log_level)
     names = tuple(args.served_model_name or [args.model if args.model is not None else EMBEDDED_MODEL_NAME])
     api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY") or None
-    return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints))
+    return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints,
+                             request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
+                             data_parallel_size=args.data_parallel_size))
+
+
+def registered_routes(app: web.Application) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves; HEAD, which aiohttp adds beside each GET, is left out."""
+    routes = []
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else None
+        if route.method != "HEAD" and path is not None:
+            routes.append((route.method, path))
+    return routes
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefix-serve")
+    except PackageNotFoundError:
+        return "0"
 
 
 def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
@@ -534,7 +651,8 @@ def _load_tokenizers(model_path: str) -> tuple:
 
 
 async def serve(config, options, served_names: tuple[str, ...], host: str, port: int, api_key: str | None,
-                debug_endpoints: bool) -> int:
+                debug_endpoints: bool, request_timeout: float | None = None,
+                stall_timeout: float = DEFAULT_STALL_TIMEOUT, data_parallel_size: int = 1) -> int:
     """Start the engine process, then the HTTP server; run until SIGINT/SIGTERM or until the engine dies."""
     from prometheus_client import disable_created_metrics
 
@@ -542,12 +660,14 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
     from engine.serving.metrics import ServerMetrics
 
     try:
-        client, info, tokenizer = await _start_engine(config, options)
+        client, info, tokenizer = await _start_engine(config, options, data_parallel_size)
     except EngineStartupError as exc:
         print(f"prefix-serve: the engine failed to start:\n{exc}", file=sys.stderr, flush=True)
         return 1
     disable_created_metrics()  # the `_created` series only double the scrape size
-    settings = ServerSettings(served_names, info["model_path"], info["max_model_len"], api_key, debug_endpoints)
+    settings = ServerSettings(served_names, info["model_path"], info["max_model_len"], api_key, debug_endpoints,
+                              vocab_size=info["vocab_size"], prefix_roots=tuple(config.allowed_prefix_roots),
+                              request_timeout=request_timeout, stall_timeout=stall_timeout)
     server = OpenAIServer(client, tokenizer, settings, ServerMetrics())
     runner = web.AppRunner(server.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -572,14 +692,21 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
     return 1 if client.dead and not stop.is_set() else 0
 
 
-async def _start_engine(config, options):
-    """Spawn the engine process and load the frontend's tokenizers; returns (client, ready info, tokenizer)."""
+async def _start_engine(config, options, data_parallel_size: int = 1):
+    """Spawn the engine process (or deploy the engine replicas) and load the frontend's tokenizers; returns
+    (client, ready info, tokenizer)."""
     from engine.serving.async_engine import AsyncEngineClient
 
-    print(f"prefix-serve: starting the engine process for {config.model or 'the embedded SmolLM2-135M-Instruct'} "
+    what = "the engine process" if data_parallel_size == 1 else f"{data_parallel_size} engine replicas on Ray Serve"
+    print(f"prefix-serve: starting {what} for {config.model or 'the embedded SmolLM2-135M-Instruct'} "
           f"on {config.device} ...", flush=True)
     started = time.monotonic()
-    client = AsyncEngineClient(config, options)
+    if data_parallel_size > 1:
+        from engine.serving.data_parallel import DataParallelClient
+
+        client = DataParallelClient(config, options, data_parallel_size)
+    else:
+        client = AsyncEngineClient(config, options)
     # A model directory's tokenizers load while the engine process starts; the embedded model's path is known
     # only once the engine has resolved (and, the first time, converted) it.
     tokenizers = asyncio.ensure_future(asyncio.to_thread(_load_tokenizers, config.model)) \
