@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidSamplingParamsError
+from engine.errors import InvalidSamplingParamsError, quote
 
 
 @dataclass
@@ -53,19 +53,19 @@ class SamplingParams:
                 return False
 
         if not is_int(self.n, 1):
-            bad(f"n must be an integer >= 1, got {self.n!r}.")
+            bad(f"n must be an integer >= 1, got {quote(self.n)}.")
         if not is_int(self.max_tokens, 1):
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+            bad(f"max_tokens must be an integer >= 1, got {quote(self.max_tokens)}.")
         if not is_number(self.temperature) or self.temperature < 0:
-            bad(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}.")
+            bad(f"temperature must be a finite number >= 0 (0 means greedy), got {quote(self.temperature)}.")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}.")
+            bad(f"top_p must be in (0, 1], got {quote(self.top_p)}.")
         if not is_int(self.top_k, -1):
-            bad(f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}.")
+            bad(f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {quote(self.top_k)}.")
         if self.seed is not None and not is_int(self.seed, 0):
-            bad(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}.")
+            bad(f"seed must be an integer in [0, 2**63) or None, got {quote(self.seed)}.")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
+            bad(f"stop must be a non-empty string or a list of them, got {quote(self.stop)}.")
         if (len(self.stop_strings) > self.MAX_STOP_STRINGS
                 or any(len(s) > self.MAX_STOP_CHARS for s in self.stop_strings)):
             longest = max(map(len, self.stop_strings))
@@ -74,7 +74,7 @@ class SamplingParams:
         if len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS:  # before the per-id check and its message
             bad(f"stop_token_ids takes at most {self.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}.")
         if any(not is_int(t, 0) for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
+            bad(f"stop_token_ids must be non-negative integers, got {quote(self.stop_token_ids)}.")
 
     @property
     def greedy(self) -> bool:

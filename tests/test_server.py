@@ -517,10 +517,13 @@ def test_64_concurrent_streams_over_8_prefixes_finish_and_10_disconnects_are_abo
     assert all(len(ids) == 8 and finish == "length" for _, ids, finish, _ in finished)
     assert_no_leak(server)
     after = scrape(server)
-    key = ("prefix_serve_requests_finished_total", (("reason", "abort"),))
-    assert after[key] - before.get(key, 0) == 8 + 2
-    key = ("prefix_serve_requests_finished_total", (("reason", "length"),))
-    assert after[key] - before.get(key, 0) == 64
+    aborts, lengths = (after[key] - before.get(key, 0) for key in (
+        ("prefix_serve_requests_finished_total", (("reason", "abort"),)),
+        ("prefix_serve_requests_finished_total", (("reason", "length"),))))
+    # The two that gave up are always aborted. A leaving stream is aborted unless its 200 tokens were all made
+    # before its client closed the connection (a tiny model on a loaded machine can be that quick): either way
+    # every request is counted once. Abort exactness under a storm is tests/test_reliability.py's.
+    assert aborts >= 2 and lengths >= 64 and (aborts - 2) + (lengths - 64) == 8
 
 
 # ---- engine failure (last: it ends the module's server) ---------------------------------------------------------
