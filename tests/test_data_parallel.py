@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import openai
@@ -148,3 +149,135 @@ def test_a_killed_replica_fails_its_streams_cleanly_and_serve_restarts_it(stack,
 
     assert wait_for(all_served, timeout=120, interval=2)
     assert server.proc.poll() is None
+
+
+# ---- the Serve application of deploy/ (serve run / serve deploy / KubeRay RayService) -------------------------
+def _manifest_config() -> dict:
+    import yaml
+
+    from test_server_support import REPO_ROOT
+
+    service = yaml.safe_load((REPO_ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    shipped = yaml.safe_load((REPO_ROOT / "deploy" / "serve" / "prefix-serve.yaml").read_text())
+    assert embedded == shipped, "deploy/kuberay/rayservice.yaml's serveConfigV2 differs from deploy/serve/"
+    return embedded
+
+
+def test_the_rayservice_application_runs_from_its_manifest(tmp_path, offline, stack):
+    """`serve run` on the serveConfigV2 of deploy/kuberay/rayservice.yaml, changed only where this machine differs
+    (the model and prefix paths, CPU instead of GPUs, a free port): the OpenAI API answers through Serve's proxy,
+    with the API key, and greedy output equals offline generation."""
+    import socket
+
+    import yaml
+
+    config = _manifest_config()
+    app = config["applications"][0]
+    cli = app["args"]["cli"].replace("/models/base", str(stack["model"])).replace(
+        "/models/prefixes", str(stack["root"] / "prefixes")).replace("--device cuda", "--device cpu")
+    app["args"]["cli"] = cli + f" --api-key {API_KEY} --block-size 4 --num-kv-blocks 256"
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {**deployment["ray_actor_options"], "num_gpus": 0, "num_cpus": 0.5}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from test_server_support import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RAY_ADDRESS", None)  # a local Ray instance of its own
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "serve"), "run", str(path)],
+                            cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return http("GET", url + "/health", key=None)[0] == 200
+            except OSError:
+                return False
+
+        assert wait_for(healthy, timeout=240, interval=1), "the Serve application did not come up"
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+        out = client.completions.create(model=PREFIXES[2], prompt=PROMPTS[0], max_tokens=8, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == _expected(offline, PROMPTS[0], PREFIXES[2])
+        text = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model=PREFIXES[3], prompt=PROMPTS[1], max_tokens=8, temperature=0.0, stream=True,
+            extra_body={"ignore_eos": True}))
+        assert text == _expected(offline, PROMPTS[1], PREFIXES[3])
+        assert http("GET", url + "/v1/models", key="wrong")[0] == 401
+        status, body = http("GET", url + "/metrics")
+        assert status == 200 and b"prefix_serve_http_requests_total" in body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_the_dashboard_queries_return_data_from_a_real_prometheus(stack, tmp_path):
+    """Debian's `prometheus` scrapes the 2-replica server; every query of the Grafana dashboard returns data, and
+    the per-replica panels one series per replica."""
+    import json
+    import shutil
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from test_server_support import REPO_ROOT
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        print("SKIPPED: no prometheus binary (apt-get install prometheus)")
+        pytest.skip("no prometheus binary on this machine (Debian: apt-get install prometheus)")
+    server, client = stack["server"], _client(stack["server"])
+    for prefix in PREFIXES:  # traffic in the scrape window
+        client.completions.create(model=prefix, prompt=PROMPTS[0], max_tokens=4, temperature=0.0)
+    (tmp_path / "key").write_text(API_KEY)
+    target = server.url.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: prefix-serve\n    authorization: {{credentials_file: {tmp_path / 'key'}}}\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(expr: str) -> list:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.loads(response.read())["data"]["result"]
+        except OSError:
+            return []
+
+    try:
+        assert wait_for(lambda: query('prefix_serve_engine_up'), timeout=60), "prometheus scraped nothing"
+        for prefix in PREFIXES:  # more traffic once it scrapes, so rates over the window are defined
+            client.completions.create(model=prefix, prompt=PROMPTS[1], max_tokens=4, temperature=0.0)
+        time.sleep(4)
+        dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "prefix-serve-dashboard.json").read_text())
+        empty, replicas = [], {}
+        for panel in dashboard["panels"]:
+            for target_ in panel.get("targets", []):
+                expr = target_["expr"].replace("$instance", ".*")
+                result = wait_for(lambda e=expr: query(e), timeout=10, interval=1)
+                if not result:
+                    empty.append((panel["title"], expr))
+                if "by (replica)" in expr:
+                    replicas[panel["title"]] = len(result)
+        assert not empty, empty
+        assert replicas and all(count == 2 for count in replicas.values()), replicas
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -38,6 +38,7 @@ from engine.serving.engine_process import EngineProcessOptions
 
 logger = logging.getLogger("prefix_serve.data_parallel")
 APP_NAME = "prefix-serve"
+ENGINE_DEPLOYMENT = "EngineReplica"
 STATS_BOARD, STATS_NAMESPACE = "prefix-serve-stats", "prefix-serve"
 RESIDENT_NAMES = 4096  # prefix names a replica reports as held (its most recently served ones)
 _ACCEPTED = "accepted"  # the first item of a replica's stream once its engine took the request
@@ -109,14 +110,13 @@ class EngineReplica:
     async def record_routing_stats(self) -> dict:
         """Called by Serve every second: posts this replica's engine stats to the stats board (for /metrics) and
         tells the request router which prefixes it holds (as far as it knows: the ones it served last)."""
-        import ray
         from ray import serve
 
         self._attach()
         try:
             stats = await self.client.call("stats")
             if self._board is None:
-                self._board = ray.get_actor(STATS_BOARD, namespace=STATS_NAMESPACE)
+                self._board = stats_board()
             self._board.put.remote(serve.get_replica_context().replica_id.unique_id, stats)
         except Exception:  # noqa: BLE001 - metrics are best effort; routing goes on
             logger.exception("posting replica stats failed")
@@ -140,6 +140,28 @@ class StatsBoard:
         """Replicas heard from within `max_age` seconds (a stopped replica drops out)."""
         now = time.monotonic()
         return {replica: stats for replica, (at, stats) in self.latest.items() if now - at <= max_age}
+
+
+def stats_board():
+    """The one StatsBoard actor (made by whichever side asks first)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(StatsBoard).options(name=STATS_BOARD, namespace=STATS_NAMESPACE,
+                                                     get_if_exists=True, lifetime="detached").remote()
+
+
+def engine_deployment(num_replicas: int, replica_cpus: float = 1.0):
+    """The `EngineReplica` Serve deployment with the prefix-affinity request router. A Serve config file may
+    override its replicas (`num_replicas`, `autoscaling_config`) and resources."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    return serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
+        num_replicas=num_replicas, max_ongoing_requests=1024, health_check_period_s=2, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=5, ray_actor_options={"num_cpus": replica_cpus},
+        request_router_config=RequestRouterConfig(
+            request_router_class="engine.serving.serve_router:PrefixAffinityRequestRouter",
+            request_routing_stats_period_s=1))
 
 
 class DataParallelClient:
@@ -176,24 +198,23 @@ class DataParallelClient:
     def _start(self, timeout: float) -> dict:
         import ray
         from ray import serve
-        from ray.serve.config import RequestRouterConfig
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
             self._local_ray = "RAY_ADDRESS" not in os.environ  # else it joined a cluster, which outlives it
         serve.start(proxy_location="Disabled")
-        self._board = ray.remote(num_cpus=0)(StatsBoard).options(
-            name=STATS_BOARD, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
-        deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
-            num_replicas=self.num_replicas, max_ongoing_requests=1024, health_check_period_s=2,
-            health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
-            ray_actor_options={"num_cpus": self.replica_cpus},
-            request_router_config=RequestRouterConfig(
-                request_router_class="engine.serving.serve_router:PrefixAffinityRequestRouter",
-                request_routing_stats_period_s=1))
+        deployment = engine_deployment(self.num_replicas, self.replica_cpus)
         self._handle = serve.run(deployment.bind(self.config, self.options), name=APP_NAME, route_prefix=None)
+        self._board = stats_board()
         self.info = self._handle.ready_info.remote().result(timeout_s=timeout)
         return self.info
+
+    @classmethod
+    def from_handle(cls, handle, config: EngineConfig, options: EngineProcessOptions) -> DataParallelClient:
+        """A client of replicas that a Serve application already runs (`engine.serving.serve_app`)."""
+        client = cls(config, options, 0)
+        client._handle, client._board = handle, stats_board()
+        return client
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -279,7 +300,7 @@ class DataParallelClient:
             self._unloaded.add(name)
             return {"name": name}
         if method == "stats":  # every replica's, as posted each second: {"replicas": {replica id: stats}}
-            return {"replicas": await self._board.get.remote(10.0)}
+            return {"replicas": await self._board.get.remote(5.0)}
         if method == "list_prefixes":
             listed = dict(await self._call_one(method, args))
             listed.update({name: path for name, path in self._loaded.items() if name not in listed})

@@ -568,10 +568,19 @@ def _engine_config(args, prefix_dirs: list[str]):
 
 
 def run(args) -> int:
+    configure_logging(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
+    config, options, names, api_key = settings_from_args(args)
+    return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints,
+                             request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
+                             data_parallel_size=args.data_parallel_size))
+
+
+def settings_from_args(args) -> tuple:
+    """The parsed `serve` options, checked, as (EngineConfig, EngineProcessOptions, served names, API key); a bad
+    option raises SystemExit with a message. Shared with the Ray Serve application (`engine.serving.serve_app`)."""
     from engine.serving.engine_process import EngineProcessOptions
     from engine.model_loader import EMBEDDED_MODEL_NAME
 
-    configure_logging(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
     prefix_dirs = _prefix_dirs(args)
     for root in args.allowed_prefix_root:
         if not Path(root).is_dir():
@@ -602,9 +611,7 @@ def run(args) -> int:
                                    log_level=args.log_level)
     names = tuple(args.served_model_name or [args.model if args.model is not None else EMBEDDED_MODEL_NAME])
     api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY") or None
-    return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints,
-                             request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
-                             data_parallel_size=args.data_parallel_size))
+    return config, options, names, api_key
 
 
 def registered_routes(app: web.Application) -> list[tuple[str, str]]:
