@@ -150,29 +150,31 @@ def stats_board():
                                                      get_if_exists=True, lifetime="detached").remote()
 
 
-def engine_deployment(num_replicas: int, replica_cpus: float = 1.0):
-    """The `EngineReplica` Serve deployment with the prefix-affinity request router. A Serve config file may
-    override its replicas (`num_replicas`, `autoscaling_config`) and resources."""
+def engine_deployment(num_replicas: int, replica_cpus: float = 1.0, routing: str = "prefix"):
+    """The `EngineReplica` Serve deployment with the prefix-affinity request router ("prefix"), or Serve's default
+    router, which looks at queue lengths alone ("load", for comparison). A Serve config file may override its
+    replicas (`num_replicas`, `autoscaling_config`) and resources."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
+    router = (RequestRouterConfig(request_router_class="engine.serving.serve_router:PrefixAffinityRequestRouter",
+                                  request_routing_stats_period_s=1)
+              if routing == "prefix" else RequestRouterConfig(request_routing_stats_period_s=1))
     return serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
         num_replicas=num_replicas, max_ongoing_requests=1024, health_check_period_s=2, health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=5, ray_actor_options={"num_cpus": replica_cpus},
-        request_router_config=RequestRouterConfig(
-            request_router_class="engine.serving.serve_router:PrefixAffinityRequestRouter",
-            request_routing_stats_period_s=1))
+        graceful_shutdown_timeout_s=5, ray_actor_options={"num_cpus": replica_cpus}, request_router_config=router)
 
 
 class DataParallelClient:
     """The frontend's side: `AsyncEngineClient`'s methods over a Serve deployment of engine replicas."""
 
     def __init__(self, config: EngineConfig, options: EngineProcessOptions, num_replicas: int,
-                 replica_cpus: float = 1.0):
+                 replica_cpus: float = 1.0, routing: str = "prefix"):
         self.config = config
         self.options = options
         self.num_replicas = num_replicas
         self.replica_cpus = replica_cpus
+        self.routing = routing
         self.decode_tokenizer = None  # replicas decode; kept for the server's interface
         self.on_load_seconds = lambda seconds: None
         self.on_step_seconds = lambda seconds: None
@@ -203,7 +205,7 @@ class DataParallelClient:
             ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
             self._local_ray = "RAY_ADDRESS" not in os.environ  # else it joined a cluster, which outlives it
         serve.start(proxy_location="Disabled")
-        deployment = engine_deployment(self.num_replicas, self.replica_cpus)
+        deployment = engine_deployment(self.num_replicas, self.replica_cpus, self.routing)
         self._handle = serve.run(deployment.bind(self.config, self.options), name=APP_NAME, route_prefix=None)
         self._board = stats_board()
         self.info = self._handle.ready_info.remote().result(timeout_s=timeout)

@@ -106,7 +106,7 @@ def build_app(args: dict):
     """The Serve application of `args["cli"]` (see the module docstring)."""
     cli = args.get("cli", "")
     parsed, config, options, _, _ = parse_cli(cli)
-    engines = engine_deployment(parsed.data_parallel_size).bind(config, options)
+    engines = engine_deployment(parsed.data_parallel_size, routing=parsed.data_parallel_routing).bind(config, options)
     return serve.deployment(Ingress, name="Ingress").options(max_ongoing_requests=4096).bind(engines, cli)
 
 

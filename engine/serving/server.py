@@ -500,6 +500,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Serve from N engine replicas on Ray Serve (a local Ray instance, or the cluster of "
                              "$RAY_ADDRESS), each prefix routed to the replicas that hold it (docs/distributed.md). "
                              "1: one engine process, no Ray (default: %(default)s).")
+    engine.add_argument("--data-parallel-routing", default="prefix", choices=["prefix", "load"],
+                        help="How requests pick a replica: prefix (a prefix's requests go to the replicas that hold "
+                             "it, within a load bound) or load (Ray Serve's default, by queue length alone; for "
+                             "comparison) (default: %(default)s).")
     engine.add_argument("--block-size", type=int, default=default["block_size"],
                         help="Tokens per KV-cache block (default: %(default)s).")
     engine.add_argument("--num-kv-blocks", type=int, default=default["num_kv_blocks"],
@@ -572,7 +576,7 @@ def run(args) -> int:
     config, options, names, api_key = settings_from_args(args)
     return asyncio.run(serve(config, options, names, args.host, args.port, api_key, args.debug_endpoints,
                              request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
-                             data_parallel_size=args.data_parallel_size))
+                             data_parallel_size=args.data_parallel_size, routing=args.data_parallel_routing))
 
 
 def settings_from_args(args) -> tuple:
@@ -659,7 +663,8 @@ def _load_tokenizers(model_path: str) -> tuple:
 
 async def serve(config, options, served_names: tuple[str, ...], host: str, port: int, api_key: str | None,
                 debug_endpoints: bool, request_timeout: float | None = None,
-                stall_timeout: float = DEFAULT_STALL_TIMEOUT, data_parallel_size: int = 1) -> int:
+                stall_timeout: float = DEFAULT_STALL_TIMEOUT, data_parallel_size: int = 1,
+                routing: str = "prefix") -> int:
     """Start the engine process, then the HTTP server; run until SIGINT/SIGTERM or until the engine dies."""
     from prometheus_client import disable_created_metrics
 
@@ -667,7 +672,7 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
     from engine.serving.metrics import ServerMetrics
 
     try:
-        client, info, tokenizer = await _start_engine(config, options, data_parallel_size)
+        client, info, tokenizer = await _start_engine(config, options, data_parallel_size, routing)
     except EngineStartupError as exc:
         print(f"prefix-serve: the engine failed to start:\n{exc}", file=sys.stderr, flush=True)
         return 1
@@ -699,7 +704,7 @@ async def serve(config, options, served_names: tuple[str, ...], host: str, port:
     return 1 if client.dead and not stop.is_set() else 0
 
 
-async def _start_engine(config, options, data_parallel_size: int = 1):
+async def _start_engine(config, options, data_parallel_size: int = 1, routing: str = "prefix"):
     """Spawn the engine process (or deploy the engine replicas) and load the frontend's tokenizers; returns
     (client, ready info, tokenizer)."""
     from engine.serving.async_engine import AsyncEngineClient
@@ -711,7 +716,7 @@ async def _start_engine(config, options, data_parallel_size: int = 1):
     if data_parallel_size > 1:
         from engine.serving.data_parallel import DataParallelClient
 
-        client = DataParallelClient(config, options, data_parallel_size)
+        client = DataParallelClient(config, options, data_parallel_size, routing=routing)
     else:
         client = AsyncEngineClient(config, options)
     # A model directory's tokenizers load while the engine process starts; the embedded model's path is known
