@@ -1,6 +1,6 @@
 """Data-parallel routing on real replicas: the prefix-affinity router against Ray Serve's default (load only).
 
-    python -m benchmarks.dp_routing [--replicas 2] [--prefixes 32] [--requests 300] [--concurrency 16]
+    python -m benchmarks.dp_routing [--replicas 2] [--prefixes 96] [--requests 600] [--concurrency 32]
 
 For each router and traffic pattern, a fresh `prefix-serve serve --data-parallel-size N` on a tiny random Llama
 (CPU), then the same requests (prefixes drawn uniformly, then by Zipf(1.0), 8 new tokens each, a fixed number in flight), then the
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _server(model: Path, prefixes: Path, replicas: int, routing: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "engine.serving.server", str(model), "--prefix-dir", str(prefixes),
-                             "--port", "0", "--block-size", "4", "--num-kv-blocks", "512", "--log-level", "WARNING",
+                             "--port", "0", "--block-size", "4", "--num-kv-blocks", "8192", "--log-level", "WARNING",
                              "--data-parallel-size", str(replicas), "--data-parallel-routing", routing],
                             cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url: list[str] = []
@@ -75,9 +75,9 @@ def run_traffic(url: str, names: list[str], concurrency: int) -> dict[str, dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--prefixes", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=300, help="per traffic pattern")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--prefixes", type=int, default=96, help="at most 120 (prefix i has 3 + 2i virtual tokens)")
+    parser.add_argument("--requests", type=int, default=600, help="per traffic pattern")
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
