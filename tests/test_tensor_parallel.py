@@ -217,3 +217,28 @@ def test_server_with_two_ranks_serves_and_a_dead_rank_ends_it_cleanly(tmp_path):
         assert "died" in server.output() or "failed" in server.output()
     finally:
         server.stop()
+
+
+def test_a_frontend_that_exits_without_shutdown_does_not_wait_forever_for_its_engine_process(tmp_path):
+    """The engine process is not daemonic (it starts the rank processes), so multiprocessing would join it at exit,
+    and it waits for its pipe to close: the client stops it first when the frontend exits on an exception."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_server_support import REPO_ROOT, build_model
+
+    model = build_model(tmp_path / "model")
+    code = textwrap.dedent(f"""
+        from engine.config import EngineConfig
+        from engine.serving.async_engine import AsyncEngineClient
+        from engine.serving.engine_process import EngineProcessOptions
+        client = AsyncEngineClient(EngineConfig(model={str(model)!r}, num_kv_blocks=64), EngineProcessOptions())
+        client.start()
+        raise SystemExit("the frontend failed before shutdown()")
+    """)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO_ROOT), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "the frontend failed" in done.stderr
+    assert time.monotonic() - start < 60

@@ -10,6 +10,7 @@ heartbeat): `silent_for` is how /health tells a wedged engine from a busy one.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -250,6 +251,9 @@ class AsyncEngineClient:
                                     args=(self.config, self.options, engine_reads, engine_writes),
                                     daemon=False)  # not daemonic: it starts the model's rank processes (mp)
         self._process.start()
+        # multiprocessing joins a non-daemonic child at exit, and this one waits for its pipe to close: if the
+        # frontend exits without shutdown() (an exception), stop it first rather than hang
+        atexit.register(self._stop_at_exit)
         engine_reads.close()
         engine_writes.close()
         deadline = time.monotonic() + timeout
@@ -289,6 +293,13 @@ class AsyncEngineClient:
                 self._process.terminate()
                 self._process.join(5)
         self._out.put(None)
+
+    def _stop_at_exit(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.kill()
 
     @property
     def alive(self) -> bool:
