@@ -53,9 +53,10 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 2.0
-    # prefix KV kept in host memory, so a prefix evicted from the device comes back without a disk read.
-    # None: 1024 on GPUs, 0 on CPU (there the KV cache is host memory already; a copy would double it)
-    host_prefix_cache_size: int | None = None
+    # GiB of host memory for prefix KV (page-locked on GPUs), so a prefix evicted from the device comes back
+    # without a disk read; least recently used prefixes leave first. None: on GPUs a quarter of the worker's host
+    # memory, at most 64 GiB; on CPU 0 (there the KV cache is host memory already, and a copy would double it)
+    prefix_host_cache_gb: float | None = None
     allowed_prefix_roots: tuple[str, ...] = ()  # where prefix paths from requests may point
     # decode forwards run back to back on the device per engine step, when nothing waiting could start and no
     # running sequence samples with a seed (scheduler/scheduler.py). None: 16 on GPUs, where it hides the host's
@@ -103,7 +104,7 @@ class EngineConfig:
         for name, least, optional in (("block_size", 1, False), ("max_num_seqs", 1, False),
                                       ("max_num_batched_tokens", 1, False), ("num_kv_blocks", 1, True),
                                       ("max_model_len", 1, True), ("decode_steps", 1, True),
-                                      ("host_prefix_cache_size", 0, True), ("tensor_parallel_size", 1, False)):
+                                      ("tensor_parallel_size", 1, False)):
             value = getattr(self, name)
             if value is None and optional:
                 continue
@@ -118,6 +119,11 @@ class EngineConfig:
         if not (_is_real(self.cuda_graph_memory_mb) and self.cuda_graph_memory_mb >= 0):
             raise _bad("cuda_graph_memory_mb", "must be a finite number of at least 0 (0 captures no graph), "
                                                f"got {self.cuda_graph_memory_mb!r}.")
+        if self.prefix_host_cache_gb is not None:
+            if not (_is_real(self.prefix_host_cache_gb) and self.prefix_host_cache_gb >= 0):
+                raise _bad("prefix_host_cache_gb", "must be a finite number of at least 0 (0 keeps no host copy) or "
+                                                   f"None, got {self.prefix_host_cache_gb!r}.")
+            self._store("prefix_host_cache_gb", float(self.prefix_host_cache_gb))
         for name in ("gpu_memory_utilization", "cpu_kv_cache_gb", "cuda_graph_memory_mb"):
             self._store(name, float(getattr(self, name)))
         if self.cuda_graph_sizes is not None:
@@ -136,10 +142,11 @@ class EngineConfig:
             return self.decode_steps
         return 16 if str(self.device).startswith("cuda") else 1
 
-    def resolved_host_prefix_cache_size(self) -> int:
-        if self.host_prefix_cache_size is not None:
-            return self.host_prefix_cache_size
-        return 1024 if str(self.device).startswith("cuda") else 0
+    def prefix_host_cache_bytes(self) -> int | None:
+        """The budget in bytes, or None: sized by the worker from its own host's memory (see the field)."""
+        if self.prefix_host_cache_gb is not None:
+            return int(self.prefix_host_cache_gb * (1 << 30))
+        return None if str(self.device).startswith("cuda") else 0
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

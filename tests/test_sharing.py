@@ -66,12 +66,35 @@ def test_cpu_kv_cache_takes_memory_only_for_blocks_written():
     assert _rss_bytes() - before < 16 << 20  # two blocks written, not the whole cache
 
 
-@pytest.mark.parametrize("size, kept", [(None, 0), (4, 1)])
+@pytest.mark.parametrize("size, kept", [(None, 0), (0.01, 1)])
 def test_cpu_keeps_no_host_copy_of_resident_prefixes_by_default(tiny_zoo, size, kept):
     entry = tiny_zoo("llama")
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64,
-              host_prefix_cache_size=size)
+              prefix_host_cache_gb=size)
     llm.load_prefix("p5", str(entry["adapters"]["p5"]))
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), prefix="p5", use_tqdm=False)
     assert llm.engine.stats.prefix_loads == 1
     assert len(llm.engine.executor.worker.host_prefixes._entries) == kept
+
+
+def test_the_host_prefix_tier_keeps_to_its_byte_budget_least_recently_used_out_first():
+    from workers.kv_cache import HostPrefixCache
+
+    kv = {name: torch.full((2, 2, size, 1, 4), float(i)) for i, (name, size) in
+          enumerate([("a", 8), ("b", 8), ("c", 16), ("huge", 64)])}  # 512, 512, 1024 and 4096 bytes
+    cache = HostPrefixCache(capacity_bytes=1536)
+    reads = []
+
+    def get(name):
+        return cache.get(name, lambda: reads.append(name) or kv[name])
+
+    get("a"), get("b")
+    assert cache.nbytes == 1024 and reads == ["a", "b"]
+    get("a")  # a hit: "b" is now the least recently used
+    get("c")  # 2048 bytes > 1536: "b" leaves
+    assert list(cache._entries) == ["a", "c"] and cache.nbytes == 1536
+    assert torch.equal(get("huge"), kv["huge"]) and "huge" not in cache._entries  # larger than the budget
+    get("b")
+    assert reads == ["a", "b", "c", "huge", "b"] and cache.nbytes <= 1536
+    cache.discard("b")
+    assert cache.nbytes == sum(t.numel() * 4 for t in cache._entries.values())

@@ -95,7 +95,7 @@ def test_unloading_a_prefix_drops_the_workers_host_copy_through_the_step_contrac
 
     entry = tiny_zoo("llama")
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64,
-              host_prefix_cache_size=4)
+              prefix_host_cache_gb=0.01)
     llm.load_prefix("a", str(entry["adapters"]["p5"]))
     llm.load_prefix("b", str(entry["adapters"]["p8proj"]))
     params = SamplingParams(max_tokens=2, temperature=0.0)

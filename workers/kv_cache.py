@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,11 +46,19 @@ def extend_slots(slots: list[int], table: list[int], start: int, end: int, block
         start = stop
 
 
-class HostPrefixCache:
-    """LRU of prefix KV tensors in host memory, so an evicted prefix comes back without a disk read."""
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+
+class HostPrefixCache:
+    """Prefix KV tensors in host memory under a budget in bytes, least recently used out first, so an evicted
+    prefix comes back without a disk read. With `pin`, copies are page-locked, so the copy to the GPU is a DMA
+    that does not hold the host back."""
+
+    def __init__(self, capacity_bytes: int, pin: bool = False):
+        self.capacity_bytes = capacity_bytes
+        self.pin = pin
+        self.nbytes = 0
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def get(self, key: str, load) -> torch.Tensor:
@@ -57,14 +66,21 @@ class HostPrefixCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         value = load()
-        if self.capacity > 0:
+        size = value.numel() * value.element_size()
+        if size <= self.capacity_bytes:  # a prefix larger than the whole budget is not kept
+            if self.pin:
+                value = value.pin_memory()
             self._entries[key] = value
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self.nbytes += size
+            while self.nbytes > self.capacity_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.nbytes -= evicted.numel() * evicted.element_size()
         return value
 
     def discard(self, key: str) -> None:
-        self._entries.pop(key, None)
+        value = self._entries.pop(key, None)
+        if value is not None:
+            self.nbytes -= value.numel() * value.element_size()
 
 
 class KVCache:
@@ -96,7 +112,8 @@ class KVCache:
         """Write a prefix's KV ([L, 2, P, kv_heads, head_dim]) into its blocks, token i at block i // size."""
         slots = slot_of(torch.tensor(block_ids, dtype=torch.long), torch.arange(kv.shape[2]), self.block_size)
         slots = slots.to(self.data.device)
-        self._flat().index_copy_(2, slots, kv.to(self.data.device, self.data.dtype))
+        # from page-locked memory the copy is queued on the stream, before the forwards that read the blocks
+        self._flat().index_copy_(2, slots, kv.to(self.data.device, self.data.dtype, non_blocking=kv.is_pinned()))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, keys and values) from src to dst."""

@@ -20,7 +20,7 @@ from engine.step_messages import (PrefixLoad, SamplingSettings, ScheduledSequenc
                                   StepResult, WorkerInfo, fork_children)
 from workers.attention import default_backend_name
 from workers.cuda_graphs import CudaGraphConfig
-from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, read_prefix_kv, slot_of
+from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, host_memory_bytes, read_prefix_kv, slot_of
 from workers.model_runner import ModelRunner, StepInputs, load_model
 from workers.parallel import ShardPlan, broadcast_from_first
 from workers.sampler import SampleRow, sample, sample_on_device
@@ -39,7 +39,7 @@ class WorkerConfig:
     cuda_graph_sizes: tuple[int, ...] | None
     cuda_graph_memory_mb: float
     fused_layers: str
-    host_prefix_cache_size: int = 1024
+    prefix_host_cache_bytes: int | None = 0  # None: a quarter of this host's memory, at most 64 GiB
     cpu_kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1  # ranks of one model; each worker is one rank (workers/parallel.py)
@@ -87,7 +87,10 @@ class Worker:
         graphs = CudaGraphConfig(config.cuda_graphs, config.cuda_graph_sizes, config.cuda_graph_memory_mb)
         self.runner = ModelRunner(model, spec, self.kv_cache, self.attention_backend, scratch_block=num_blocks,
                                   cuda_graphs=graphs, fused_layers=config.fused_layers, computes_logits=rank == 0)
-        self.host_prefixes = HostPrefixCache(config.host_prefix_cache_size)
+        budget = config.prefix_host_cache_bytes
+        if budget is None:
+            budget = min(host_memory_bytes() // 4, 64 << 30)
+        self.host_prefixes = HostPrefixCache(budget, pin=str(config.device).startswith("cuda"))
         self.seqs: dict[int, SequenceState] = {}  # what the engine sent, kept current as tokens are added
 
     def _eager_only(self, config: WorkerConfig) -> WorkerConfig:

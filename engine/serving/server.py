@@ -521,9 +521,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Share of GPU memory for weights and KV cache (default: %(default)s).")
     engine.add_argument("--cpu-kv-cache-gb", type=float, default=default["cpu_kv_cache_gb"],
                         help="KV-cache size on CPU, in GiB (default: %(default)s).")
-    engine.add_argument("--host-prefix-cache-size", type=int, default=default["host_prefix_cache_size"],
-                        help="Prefixes whose KV is kept in host memory, so one evicted from the device comes back "
-                             "without a disk read (default: 1024 on GPUs, 0 on CPU, where the KV cache is host "
+    engine.add_argument("--prefix-host-cache-gb", type=float, default=default["prefix_host_cache_gb"], metavar="GB",
+                        help="GiB of host memory for prefix KV (page-locked on GPUs), so a prefix evicted from the "
+                             "device comes back without a disk read; least recently used first out (default: a "
+                             "quarter of host memory, at most 64, on GPUs; 0 on CPU, where the KV cache is host "
                              "memory already).")
     engine.add_argument("--decode-steps", type=int, default=default["decode_steps"],
                         help="Decode steps run back to back on the device per engine step when nothing waiting "
