@@ -89,3 +89,13 @@ def run_in_child(module: str, task: dict, timeout: float = 3600, python: str | N
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({task.get('kind')}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def workload1(llm, directory: Path) -> tuple[list[dict], list[str]]:
+    """Workload 1 in one process: 16 random prefixes (P = 16) written under `directory` and loaded as task0..15,
+    and 64 prompts of 20-60 random tokens with the prefix name of each. Returns (prompts, prefix names)."""
+    spec = llm.engine.spec
+    for i in range(16):
+        llm.load_prefix(f"task{i}", str(write_random_prefix(Path(directory) / f"p{i}", spec, 16, seed=i)))
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(64, 20, 60, spec.vocab_size)]
+    return prompts, [f"task{i % 16}" for i in range(64)]

@@ -15,10 +15,8 @@ import concurrent.futures
 import json
 import random
 import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,27 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _server(model: Path, prefixes: Path, replicas: int, routing: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.serving.server", str(model), "--prefix-dir", str(prefixes),
-                             "--port", "0", "--block-size", "4", "--num-kv-blocks", "8192", "--log-level", "WARNING",
-                             "--data-parallel-size", str(replicas), "--data-parallel-routing", routing],
-                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url: list[str] = []
-    ready = threading.Event()
+def _server(model: Path, prefixes: Path, replicas: int, routing: str):
+    """The server in its own process (the tests' launcher), ready; `.url` is where it listens."""
+    from test_server_support import ServerProcess
 
-    def pump():
-        for line in proc.stdout:
-            match = re.search(r"ready on (http://\S+)", line)
-            if match:
-                url.append(match.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(600) or not url:
-        proc.kill()
-        raise RuntimeError(f"the {routing} server did not start")
-    return proc, url[0]
+    return ServerProcess([str(model), "--prefix-dir", str(prefixes), "--block-size", "4", "--num-kv-blocks", "8192",
+                          "--log-level", "WARNING", "--data-parallel-size", str(replicas),
+                          "--data-parallel-routing", routing], startup_timeout=600).wait_ready()
 
 
 def _post(url: str, body: dict) -> None:
@@ -94,12 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         build_prefixes(model, Path(tmp) / "prefixes", args.prefixes)
         for routing in ("prefix", "load"):
             for pattern, sequence in patterns.items():  # a fresh server per run: no prefix is resident at the start
-                proc, url = _server(model, Path(tmp) / "prefixes", args.replicas, routing)
+                server = _server(model, Path(tmp) / "prefixes", args.replicas, routing)
                 try:
-                    counters = run_traffic(url, sequence, args.concurrency)
+                    counters = run_traffic(server.url, sequence, args.concurrency)
                 finally:
-                    proc.terminate()
-                    proc.wait(120)
+                    server.stop(timeout=120)
                 loads = sum(c.get("prefix_serve_prefix_loads_total", 0) for c in counters.values())
                 # every request names a prefix, so each is one prefix cache hit or miss on its replica
                 share = [c.get("prefix_serve_prefix_cache_hits_total", 0)

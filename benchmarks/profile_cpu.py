@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import random_prompts, write_random_prefix
+from benchmarks.common import workload1
 
 
 def main() -> None:
@@ -31,12 +31,8 @@ def main() -> None:
     from engine import LLM, SamplingParams
 
     llm = LLM()
-    spec = llm.engine.spec
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(16):
-            llm.load_prefix(f"task{i}", str(write_random_prefix(Path(tmp) / f"p{i}", spec, 16, seed=i)))
-        prompts = [{"prompt_token_ids": p} for p in random_prompts(64, 20, 60, spec.vocab_size)]
-        names = [f"task{i % 16}" for i in range(64)]
+        prompts, names = workload1(llm, Path(tmp))
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(max_tokens=2), prefix=names[:2], use_tqdm=False)
 

@@ -114,8 +114,8 @@ def test_load_and_unload_reach_every_replica(stack, offline):
     status, _ = http("POST", server.url + "/v1/unload_prefix", {"prefix_name": "task20"})
     assert status == 200
     assert "task20" not in [m.id for m in client.models.list().data]
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="task20", prompt="x", max_tokens=2)
+    status, body = http("POST", server.url + "/v1/completions", {"model": "task20", "prompt": "x", "max_tokens": 2})
+    assert status == 404 and b"Unknown prefix 'task20': it was unloaded." in body
     with pytest.raises(openai.BadRequestError):  # errors are the single server's
         client.completions.create(model=PREFIXES[0], prompt="x", max_tokens=2, temperature=-1)
 
@@ -281,3 +281,10 @@ def test_the_dashboard_queries_return_data_from_a_real_prometheus(stack, tmp_pat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_data_parallel_size_below_one_is_refused_with_its_name():
+    from engine.serving.server import main
+
+    with pytest.raises(SystemExit, match="--data-parallel-size must be at least 1, got 0"):
+        main(["--data-parallel-size", "0"])

@@ -240,10 +240,12 @@ def test_a_failed_reload_keeps_the_old_adapter_and_a_failed_new_name_is_not_regi
 
 
 @pytest.mark.parametrize("tp", [1, 2])  # with two tensor-parallel ranks, each reads the file
-def test_a_prefix_whose_file_vanished_fails_only_its_requests_and_is_retried_later(tmp_path, tiny_zoo, tp):
+def test_a_prefix_whose_file_vanished_fails_only_its_requests_and_is_retried_later(tmp_path, tiny_zoo, tp,
+                                                                                    request):
     entry = tiny_zoo("llama")
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64,
               tensor_parallel_size=tp)
+    request.addfinalizer(llm.shutdown)  # the rank processes go, pass or fail
     llm.load_prefix("p5", str(entry["adapters"]["p5"]))
     doomed = tmp_path / "doomed"
     shutil.copytree(entry["adapters"]["p5"], doomed)
@@ -280,7 +282,6 @@ def test_a_prefix_whose_file_vanished_fails_only_its_requests_and_is_retried_lat
     weights.write_bytes(saved)  # the right file is back: the next request reads it again and runs
     out = llm.generate({"prompt_token_ids": [4, 5]}, params, prefix="doomed", use_tqdm=False)[0]
     assert out.error is None and len(out.outputs[0].token_ids) == 5
-    llm.shutdown()
 
 
 @pytest.mark.parametrize("action", ["unload", "reload"])

@@ -151,11 +151,12 @@ def test_unsplittable_models_are_refused_by_name(tiny_zoo, tmp_path):
         LLM(model=str(entry["model"]), skip_tokenizer_init=True, tensor_parallel_size=2, executor="inprocess")
 
 
-def test_a_rank_that_raises_or_dies_fails_the_step_at_once_and_stops_the_others(tiny_zoo):
+def test_a_rank_that_raises_or_dies_fails_the_step_at_once_and_stops_the_others(tiny_zoo, request):
     from workers.executor import WorkerFailedError
 
     entry = tiny_zoo("llama")
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, tensor_parallel_size=2)
+    request.addfinalizer(llm.shutdown)  # a no-op once a failure stopped the ranks
     procs = list(llm.engine.executor._procs)
     with pytest.raises(WorkerFailedError, match="failed: ProtocolError"):
         llm.engine.executor._execute(b"not a step")  # every rank raises on it
@@ -163,6 +164,7 @@ def test_a_rank_that_raises_or_dies_fails_the_step_at_once_and_stops_the_others(
         proc.join(timeout=10)
         assert not proc.is_alive()
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, tensor_parallel_size=2)
+    request.addfinalizer(llm.shutdown)
     procs = list(llm.engine.executor._procs)
     os.kill(procs[1].pid, signal.SIGKILL)
     start = time.monotonic()

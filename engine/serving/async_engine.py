@@ -49,6 +49,14 @@ def raise_for(error: dict) -> None:
     raise exc
 
 
+def _pack_or_refuse(message: dict, error: type[PrefixServeError]) -> bytes:
+    """The encoded message, or `error` (a 400) when it holds a value the engine's codec cannot carry."""
+    try:
+        return pack(message)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise error(f"The request holds a value that cannot be sent to the engine: {quote(str(exc))}.") from None
+
+
 @dataclass
 class SampleUpdate:
     index: int  # which of the request's n samples
@@ -317,12 +325,8 @@ class AsyncEngineClient:
         """Queue a request in the engine. Raises the engine's validation error (with its HTTP status)."""
         if self.dead is not None:
             raise EngineDeadError(f"The engine process is not running ({self.dead}).")
-        try:
-            data = pack({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": params,
-                         "prefix": prefix})
-        except (OverflowError, TypeError, ValueError) as exc:  # e.g. a token id beyond 64 bits
-            raise InvalidPromptError(f"The request holds a value that cannot be sent to the engine: "
-                                     f"{quote(str(exc))}.") from None
+        data = _pack_or_refuse({"op": "add", "id": request_id, "tokens": list(prompt_token_ids), "params": params,
+                                "prefix": prefix}, InvalidPromptError)  # e.g. a token id beyond 64 bits
         stop_prefixes = StopPrefixAutomaton(params.stop_strings) if stream and params.stop_strings else None
         self._requests[request_id] = _RequestState(sink, tag, stream, stop_prefixes)
         future = self._loop.create_future()
@@ -348,11 +352,8 @@ class AsyncEngineClient:
         if self.dead is not None:
             raise EngineDeadError(f"The engine process is not running ({self.dead}).")
         call_id = next(self._call_ids)
-        try:  # encoded before a reply is awaited: a value that cannot be sent leaves nothing behind
-            data = pack({"op": "call", "call_id": call_id, "method": method, "args": args})
-        except (OverflowError, TypeError, ValueError) as exc:  # a lone surrogate in a name is a ValueError
-            raise BadRequestError(f"The request holds a value that cannot be sent to the engine: "
-                                  f"{quote(str(exc))}.") from None
+        # encoded before a reply is awaited: a value that cannot be sent (a lone surrogate) leaves nothing behind
+        data = _pack_or_refuse({"op": "call", "call_id": call_id, "method": method, "args": args}, BadRequestError)
         future = self._loop.create_future()
         self._pending[call_id] = future
         self._out.put(data)
