@@ -120,9 +120,9 @@ class ConsistentHash(_Baseline):
         return next(i for i in self._ring.walk(hash64(self.seed, prefix)) if i in ids)
 
 
-def make_policy(name: str, seed: int, load_factor: float = 1.2):
+def make_policy(name: str, seed: int, load_factor: float = 1.2, patience: int = 4):
     if name == "ours":
-        return PrefixAffinityRouter(load_factor=load_factor, seed=seed)
+        return PrefixAffinityRouter(load_factor=load_factor, seed=seed, patience=patience)
     return {"round-robin": RoundRobin, "least-loaded": LeastLoaded, "multiplex": Multiplex,
             "consistent-hash": ConsistentHash}[name](seed)
 
@@ -183,11 +183,11 @@ def simulate(policy, traffic: Traffic, num_replicas: int, cache_per_replica: int
 
 def run(num_replicas: int, num_prefixes: int, requests: int, traffic_kind: str, seed: int = 0,
         mean_load: float = 64.0, cache_per_replica: int | None = None, load_cost_s: float = 0.010,
-        load_factor: float = 1.2, policies: Sequence[str] = POLICIES) -> dict[str, dict]:
+        load_factor: float = 1.2, policies: Sequence[str] = POLICIES, patience: int = 4) -> dict[str, dict]:
     """Every policy over the same traffic: policy name -> its measures."""
     cache = cache_per_replica or 2 * math.ceil(num_prefixes / num_replicas)
     traffic = make_traffic(traffic_kind, num_prefixes, requests, rate=num_replicas * mean_load, seed=seed)
-    return {name: simulate(make_policy(name, seed, load_factor), traffic, num_replicas, cache, load_cost_s)
+    return {name: simulate(make_policy(name, seed, load_factor, patience), traffic, num_replicas, cache, load_cost_s)
             for name in policies}
 
 
@@ -223,16 +223,19 @@ def main() -> None:
     parser.add_argument("--cache-per-replica", type=int, default=None, help="prefixes; default 2 * ceil(K / N)")
     parser.add_argument("--load-cost-ms", type=float, default=10.0, help="device time of one materialization")
     parser.add_argument("--load-factor", type=float, default=1.2, help="ours: the bound's c")
+    parser.add_argument("--patience", type=int, default=4, help="ours: requests in a row that find every copy "
+                        "of their prefix full before it spreads to another replica")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     args = parser.parse_args()
     for num_replicas, kind in itertools.product(args.replicas, args.traffic):
         cache = args.cache_per_replica or 2 * math.ceil(args.prefixes / num_replicas)
         print(f"\n{num_replicas} replicas, {args.prefixes:,} prefixes, {args.requests:,} requests, {kind} traffic, "
               f"mean load {args.mean_load:g}, cache {cache} prefixes per replica, c = {args.load_factor}, "
+              f"patience {args.patience}, "
               f"seed {args.seed}")
         start = time.perf_counter()
         results = run(num_replicas, args.prefixes, args.requests, kind, args.seed, args.mean_load, cache,
-                      args.load_cost_ms / 1000, args.load_factor, args.policies)
+                      args.load_cost_ms / 1000, args.load_factor, args.policies, args.patience)
         print_table(results)
         if "ours" in results:
             print(check_targets(kind, results["ours"]))

@@ -94,6 +94,12 @@ def test_greedy_output_equals_offline_and_each_prefix_is_materialized_about_once
     print("prefix loads per replica:", loads)
     # 8 prefixes, 25 requests: routed by prefix, each is loaded once (random routing would load most twice)
     assert sum(loads.values()) <= len(PREFIXES) + 1
+    # each replica's histograms come with its label: one prefix-load observation per load, steps on every replica
+    # that loaded one
+    timed = {r: x for (name, r), x in values.items() if name == "prefix_serve_prefix_load_seconds_count"}
+    assert timed == loads
+    steps = {r: x for (name, r), x in values.items() if name == "prefix_serve_engine_step_seconds_count"}
+    assert all(steps[r] > 0 for r, x in loads.items() if x > 0)
 
 
 def test_load_and_unload_reach_every_replica(stack, offline):

@@ -16,8 +16,11 @@ runs the request. `unload_prefix` is remembered the same way: the frontend refus
 `/v1/models` answers from one replica's list with the frontend's loads and unloads applied.
 
 Faults. A replica that dies ends its in-flight requests with a clean error (status 503) and Serve starts a new
-one; the others go on. Not built yet: per-replica metric labels (`/metrics` shows the replicas' sums), the
-`serve run` application with an HTTP ingress and the KubeRay RayService (docs/distributed.md).
+one; the others go on.
+
+Metrics. Each replica posts its engine's stats to a named actor (`StatsBoard`) every second, and the frontend's
+`/metrics` gives each engine series a `replica` label. The same deployment runs under `serve run` and KubeRay
+through `engine.serving.serve_app` (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from engine.sampling_params import SamplingParams
 from engine.serving.async_engine import (AsyncEngineClient, EngineDeadError, EngineStartupError, RequestUpdate,
                                          raise_for)
 from engine.serving.engine_process import EngineProcessOptions
+from engine.serving.metrics import ENGINE_HISTOGRAMS, engine_histogram, histogram_totals
 
 logger = logging.getLogger("prefix_serve.data_parallel")
 APP_NAME = "prefix-serve"
@@ -58,6 +62,9 @@ class EngineReplica:
         self._served: OrderedDict[str, None] = OrderedDict()  # prefix names, most recent last
         self._loaded: dict[str, str] = {}  # name -> path registered here by load_prefix
         self._board = None
+        self._histograms = {name: engine_histogram(name) for name in ENGINE_HISTOGRAMS}  # posted with the stats
+        self.client.on_load_seconds = self._histograms["prefix_load_seconds"].observe
+        self.client.on_step_seconds = self._histograms["engine_step_seconds"].observe
 
     def _attach(self) -> None:
         if not self._attached:
@@ -115,6 +122,7 @@ class EngineReplica:
         self._attach()
         try:
             stats = await self.client.call("stats")
+            stats["histograms"] = {name: histogram_totals(h) for name, h in self._histograms.items()}
             if self._board is None:
                 self._board = stats_board()
             self._board.put.remote(serve.get_replica_context().replica_id.unique_id, stats)

@@ -10,7 +10,7 @@ describes every metric.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
@@ -25,12 +25,39 @@ PREFIX_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
                        40.0, 60.0)
 
 
+# Histograms observed where the engine runs. A single server observes them in its frontend, from the times the
+# engine process reports with each step; a data-parallel replica observes its own and posts their totals with its
+# stats (`histogram_totals`), and the frontend exposes each replica's with a `replica` label.
+ENGINE_HISTOGRAMS = {
+    "prefix_load_seconds": (("Time to materialize a prefix into KV blocks (read from host cache or disk, write "
+                             "into the cache)."), PREFIX_LOAD_BUCKETS),
+    "engine_step_seconds": (("Duration of one engine step (schedule, model forward, update), measured in the "
+                             "engine process."), STEP_BUCKETS),
+}
+
+
+def engine_histogram(name: str) -> Histogram:
+    """One of ENGINE_HISTOGRAMS, in no registry (EngineStatsCollector exposes it)."""
+    doc, buckets = ENGINE_HISTOGRAMS[name]
+    return Histogram(f"prefix_serve_{name}", doc, buckets=buckets, registry=None)
+
+
+def histogram_totals(histogram: Histogram) -> dict:
+    """A histogram's cumulative bucket counts and sum, as plain data: {"buckets": [[le, count], ...], "sum": s}."""
+    samples = histogram.collect()[0].samples
+    return {"buckets": [[s.labels["le"], s.value] for s in samples if s.name.endswith("_bucket")],
+            "sum": next(s.value for s in samples if s.name.endswith("_sum"))}
+
+
 class EngineStatsCollector:
-    """Exposes the latest engine snapshot (from the engine loop's `stats` call) as gauges and counters."""
+    """Exposes the latest engine snapshot (from the engine loop's `stats` call) as gauges and counters, and the
+    engine histograms: the frontend's own (`histograms`) for one engine, each replica's posted totals for
+    data-parallel replicas."""
 
     def __init__(self):
         self.snapshot: dict = {}
         self.engine_up = False
+        self.histograms = {name: engine_histogram(name) for name in ENGINE_HISTOGRAMS}
 
     def describe(self):  # nothing to describe before the first snapshot; collect() always yields the same names
         return []
@@ -82,6 +109,17 @@ class EngineStatsCollector:
         yield counter("prefix_cache_misses", "Requests whose prefix had to be materialized first.", "prefix_misses")
         yield counter("prefix_loads", "Prefix materializations into KV blocks.", "prefix_loads")
         yield counter("engine_steps", "Engine iterations that ran the model.", "steps")
+        if replicas is None:
+            for histogram in self.histograms.values():
+                yield from histogram.collect()
+            return
+        for name, (doc, _) in ENGINE_HISTOGRAMS.items():
+            metric = HistogramMetricFamily(f"prefix_serve_{name}", doc, labels=["replica"])
+            for replica, snapshot in snapshots:
+                totals = snapshot.get("histograms", {}).get(name)
+                if totals is not None:
+                    metric.add_metric([replica], totals["buckets"], totals["sum"])
+            yield metric
 
 
 class ServerMetrics:
@@ -98,12 +136,8 @@ class ServerMetrics:
                              "updates of a request.", buckets=ITL_BUCKETS, registry=self.registry)
         self.e2e = Histogram("prefix_serve_e2e_request_latency_seconds", "Time from receiving a request to its "
                              "last token (finished requests only).", buckets=E2E_BUCKETS, registry=self.registry)
-        self.prefix_load = Histogram("prefix_serve_prefix_load_seconds", "Time to materialize a prefix into KV "
-                                     "blocks (read from host cache or disk, write into the cache).",
-                                     buckets=PREFIX_LOAD_BUCKETS, registry=self.registry)
-        self.engine_step = Histogram("prefix_serve_engine_step_seconds", "Duration of one engine step (schedule, "
-                                     "model forward, update), measured in the engine process.",
-                                     buckets=STEP_BUCKETS, registry=self.registry)
+        self.prefix_load = self.engine.histograms["prefix_load_seconds"]
+        self.engine_step = self.engine.histograms["engine_step_seconds"]
         self.http_requests = Counter("prefix_serve_http_requests", "HTTP requests by route template and status "
                                      "code.", ["route", "status"], registry=self.registry)
 

@@ -12,10 +12,18 @@ bounded loads (Mirrokni, Thorup and Zadimoghaddam, SODA 2018), made aware of whi
   `load_factor`. With c >= 1 the least loaded replica always qualifies. The default c = 1.2 keeps the busiest
   replica under 1.25 x the mean even with the ceiling's extra request (benchmarks/routing_sim.py measures it).
 - **A prefix request** goes to the replica that holds the prefix and is within the bound, the earliest in the
-  prefix's order if several do; when none does, to the first replica in its order within the bound, which then
-  materializes it. So a prefix stays where it is resident (a replica that joins takes over nothing that is still
-  resident elsewhere), and a hot prefix spills onto its next replicas in a fixed order, one more each time the
-  ones it has are full.
+  prefix's order if several do. When every replica holding it is full, the prefix spreads only if that pressure
+  persists: the request goes to the least loaded holder unless it is the `patience`-th request of the prefix in a
+  row to find all its copies full; then (or when no replica holds the prefix) to the first replica in its order
+  within the bound, which materializes it. So a prefix stays where it is resident (a replica that joins takes over
+  nothing that is still resident elsewhere), and a hot prefix spills onto its next replicas in a fixed order, one
+  more each time the ones it has stay full.
+- **Why patience.** A replica's ongoing requests fluctuate by about the square root of their mean, so at a few
+  dozen per replica the bound is crossed by noise, and a spill made on noise leaves a copy that stays: with
+  patience 1 (spill at once), 2 replicas at 16 requests each materialized each uniform prefix 1.9 times. A hot
+  prefix keeps its copies full on every request and spreads after a few; a cold one on a replica that is briefly
+  full almost never meets `patience` misses in a row. The cost is a brief overload: a replica may take up to
+  `patience - 1` requests per prefix beyond the bound (benchmarks/routing_sim.py measures both).
 - **A base-model request** (no prefix) goes to the least loaded replica, ties broken by a seeded random choice.
 
 Pure Python, stdlib only: a Ray Serve request router passes in its candidate replicas and uses the answer.
@@ -96,15 +104,20 @@ class HashRing:
 
 class PrefixAffinityRouter:
     """Chooses a replica per request (see the module docstring). Deterministic given the seed and the sequence of
-    calls; the only state is the hash ring, rebuilt when an unknown replica appears, and the seeded tie-breaker."""
+    calls; the state is the hash ring, rebuilt when an unknown replica appears, the seeded tie-breaker and each
+    prefix's count of requests in a row that found its copies full (kept only while it is not zero)."""
 
-    def __init__(self, load_factor: float = 1.2, virtual_nodes: int = 1000, seed: int = 0):
+    def __init__(self, load_factor: float = 1.2, virtual_nodes: int = 1000, seed: int = 0, patience: int = 4):
         if not load_factor >= 1.0:
             raise InvalidConfigError(f"load_factor must be at least 1.0 (got {load_factor}): below 1 no replica "
                                      "may be within the bound; 1.2 is the default")
         if virtual_nodes < 1:
             raise InvalidConfigError(f"virtual_nodes must be at least 1 (got {virtual_nodes})")
+        if patience < 1:
+            raise InvalidConfigError(f"patience must be at least 1 (got {patience}); 1 spills at once")
         self.load_factor = load_factor
+        self.patience = patience
+        self._pressure: dict[str, int] = {}  # prefix -> its requests in a row that found every copy full
         self.virtual_nodes = virtual_nodes
         self.seed = seed
         self._ring = HashRing((), virtual_nodes, seed)
@@ -124,9 +137,17 @@ class PrefixAffinityRouter:
         self._cover(by_id.keys())
         cap = self.bound(sum(r.load for r in replicas), len(replicas))
         point = hash64(self.seed, prefix)
-        holders = [r.replica_id for r in replicas if r.load + 1 <= cap and prefix in r.resident]
-        if holders:
-            return min(holders, key=lambda replica_id: self._ring.distance(replica_id, point))
+        holders = [r for r in replicas if prefix in r.resident]
+        within = [r.replica_id for r in holders if r.load + 1 <= cap]
+        if within:
+            self._pressure.pop(prefix, None)
+            return min(within, key=lambda replica_id: self._ring.distance(replica_id, point))
+        if holders:  # every copy is full: wait for the pressure to persist before making another
+            pressure = self._pressure.get(prefix, 0) + 1
+            if pressure < self.patience:
+                self._pressure[prefix] = pressure
+                return min(holders, key=lambda r: (r.load, self._ring.distance(r.replica_id, point))).replica_id
+        self._pressure.pop(prefix, None)
         for replica_id in self._ring.walk(point):
             replica = by_id.get(replica_id)  # None: a replica that left, still on the ring
             if replica is not None and replica.load + 1 <= cap:

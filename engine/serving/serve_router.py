@@ -17,8 +17,8 @@ class PrefixAffinityRequestRouter(RequestRouter):
     through the frontend's handle, so they are exact); residency is what the replicas report (their
     `record_routing_stats`) plus where this router sent each prefix."""
 
-    def initialize_state(self, load_factor: float = 1.2, **kwargs):
-        self.policy = PrefixAffinityRouter(load_factor=load_factor)
+    def initialize_state(self, load_factor: float = 1.2, patience: int = 4, **kwargs):
+        self.policy = PrefixAffinityRouter(load_factor=load_factor, patience=patience)
         self.in_flight: dict[str, int] = defaultdict(int)
         self.sent: dict[str, set[str]] = defaultdict(set)  # replica id -> prefixes routed to it
 
