@@ -119,8 +119,7 @@ class Worker:
         return budget // per_block
 
     def info(self) -> bytes:
-        weights = {p.data_ptr(): p.numel() * p.element_size() for p in self.runner.model.parameters()}
-        return WorkerInfo(self.kv_cache.num_blocks, self.attention_backend, sum(weights.values())).encode()
+        return WorkerInfo(self.kv_cache.num_blocks, self.attention_backend, self.runner.weight_bytes).encode()
 
     def execute(self, data: bytes) -> bytes:
         """Run one step (see `engine.step_messages` for what it holds and in which order it is done)."""
