@@ -53,6 +53,12 @@ def add_parser(subparsers) -> None:
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
 
+def vllm_env(threads: int | None) -> dict[str, str]:
+    """vLLM's CPU worker binds its OpenMP threads to cores itself and ignores `torch.set_num_threads`, so with
+    `--threads N` it is bound to the first N cores instead (without, it takes what it finds, as ours does)."""
+    return {**VLLM_ENV, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"} if threads else dict(VLLM_ENV)
+
+
 # ---- children ---------------------------------------------------------------------------------------------------
 def _child(task: dict) -> dict:
     import torch
@@ -257,7 +263,7 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
     runs: dict[str, list[dict]] = {key: [] for key in kinds}
     for round_ in range(args.repeat):  # rounds interleave the setups, so a slow spell hits all of them alike
         for key, kind in kinds.items():
-            python, env = (args.vllm_python, VLLM_ENV) if key == "vllm" else (None, None)
+            python, env = (args.vllm_python, vllm_env(args.threads)) if key == "vllm" else (None, None)
             tp = args.tensor_parallel_size if key.startswith("tp") else 1
             r = run_in_child("benchmarks.bench", {**task, "kind": kind, "tp": tp}, python=python, env=env)
             runs[key].append(r)
