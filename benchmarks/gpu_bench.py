@@ -196,11 +196,13 @@ def read_bandwidth(num_bytes: int = 1 << 30, iters: int = 20, device: str = "cud
     return num_bytes / seconds
 
 
-def weight_bytes_read_per_step(model) -> int:
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+def weight_bytes_read_per_step(runner) -> int:
+    model = runner.model
+    total = runner.weight_bytes  # tied weights counted once; counted before CPU linears are packed
     embed = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
-    if output is None or output.weight.data_ptr() != embed.data_ptr():
+    # an untied output layer's weight may be gone, replaced by its packed copy (workers/model_runner.py)
+    if output is None or output.weight is None or output.weight.data_ptr() != embed.data_ptr():
         total -= embed.numel() * embed.element_size()  # a decode step gathers only B rows of the input embedding
     return total
 
@@ -284,7 +286,7 @@ def _engine_info(llm, start: float) -> dict:
     kv = worker.kv_cache.data
     info = {"init_seconds": round(time.perf_counter() - start, 1), "attention_backend": engine.attention_backend,
             "num_blocks": worker.kv_cache.num_blocks, "kv_cache_gb": round(kv.numel() * kv.element_size() / 1e9, 1),
-            "weight_bytes": weight_bytes_read_per_step(worker.runner.model),
+            "weight_bytes": weight_bytes_read_per_step(worker.runner),
             "kv_bytes_per_token": spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * kv.element_size(),
             "fused_layers": worker.runner.fused.ops.name if worker.runner.fused is not None else None}
     if kv.is_cuda:
