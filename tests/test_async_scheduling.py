@@ -154,10 +154,10 @@ def test_async_greedy_output_matches_peft_forward_under_preemption_and_decode_ru
     llm.shutdown()
 
 
-def test_async_scheduling_through_worker_processes_matches_peft_forward(tiny_zoo):
-    """The mp executor: steps go down a pipe, step k+1 written before step k's answer is read."""
+def test_async_scheduling_through_two_tensor_parallel_worker_processes_matches_peft_forward(tiny_zoo):
+    """The mp executor: steps go down each rank's pipe, step k+1 written before step k's answers are read."""
     entry = tiny_zoo("llama")
-    llm, got = _run(entry, block_size=4, executor="mp", async_scheduling=True)
+    llm, got = _run(entry, block_size=4, tensor_parallel_size=2, async_scheduling=True)
     try:
         assert got == _expected(entry)
         assert llm.engine.stats.overlapped_steps > 0
