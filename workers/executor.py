@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import shutil
 import socket
 import tempfile
@@ -103,8 +104,6 @@ class InProcessExecutor(Executor):
         self._answers: deque = deque()  # without a thread: the results not yet collected
         self._thread = None
         if threaded:
-            import queue
-
             self._steps, self._results = queue.SimpleQueue(), queue.SimpleQueue()
             self._thread = threading.Thread(target=self._serve, args=(_current_cuda_device(config.device),),
                                             name="prefix-serve-worker", daemon=True)
