@@ -284,6 +284,13 @@ class EngineCore:
         failed = self._fail_prefix_loads(out, result.failed_loads) if result.failed_loads else []
         return failed + self._update(out, result)
 
+    def collect_in_flight(self) -> list[RequestOutput]:
+        """Read the steps in flight (async scheduling) without scheduling another, so that no worker runs after."""
+        outputs = []
+        while self._in_flight:
+            outputs += self._collect()
+        return outputs
+
     def _step_message(self, out: SchedulerOutput) -> StepMessage | None:
         """What the workers need for this step: only what changed (None when nothing did)."""
         forget = self.prefixes.take_forgotten()

@@ -172,8 +172,8 @@ def test_a_sequence_that_stops_is_dropped_and_its_extra_token_discarded(tiny_zoo
     stop = _expected(entry)[2][3]  # the 4th token of prompt 2 (bare model)
     llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, async_scheduling=True)
     engine = llm.engine
-    engine.add_request("r", None, PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
-                                                             stop_token_ids=[stop]), PREFIXES[2])
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop_token_ids=[stop])
+    engine.add_request("r", None, PROMPTS[2], params, PREFIXES[2])
     seen = []
     while engine.has_unfinished_requests():
         seen += engine.step()
@@ -182,6 +182,9 @@ def test_a_sequence_that_stops_is_dropped_and_its_extra_token_discarded(tiny_zoo
     # the stop token was sampled in the 4th step; the 5th was already sent, and its token was discarded
     assert engine.stats.steps == 5 and engine.stats.generation_tokens == 4
     assert engine.executor.worker.seqs == {}  # dropped with the step after
+    out = llm.generate({"prompt_token_ids": PROMPTS[2]}, params, prefix=PREFIXES[2], use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == final.token_ids
+    assert not engine.has_unfinished_requests()  # generate() returns once the step sent after the stop is read
     llm.shutdown()
 
 
@@ -232,3 +235,17 @@ def test_a_worker_error_in_the_worker_thread_is_raised_in_the_engine_thread(tiny
     assert executor.collect().sampled == []  # the thread goes on with the next step
     llm.shutdown()
     assert executor._thread is None
+
+
+def test_the_setting_is_off_by_default_checked_and_a_serve_option():
+    from engine.cli import build_parser
+    from engine.config import EngineConfig
+    from engine.errors import InvalidConfigError
+    from engine.serving.server import _engine_config
+
+    assert EngineConfig().async_scheduling is False
+    with pytest.raises(InvalidConfigError, match="async_scheduling must be True or False"):
+        EngineConfig(async_scheduling="yes")
+    parser = build_parser("serve")
+    assert _engine_config(parser.parse_args(["serve", "--async-scheduling"]), []).async_scheduling is True
+    assert _engine_config(parser.parse_args(["serve", "--no-async-scheduling"]), []).async_scheduling is False
