@@ -204,6 +204,33 @@ def test_async_scheduling_falls_back_to_one_step_at_a_time_for_prefix_loads_and_
     llm.shutdown()
 
 
+def test_an_unload_while_a_step_is_in_flight_reaches_the_worker_after_that_step(tiny_zoo):
+    """The workers drop an unloaded prefix's host copy at once (an idle server may not step again soon); with a
+    step in flight the message queues behind it instead of being run and read out of turn."""
+    entry = tiny_zoo("llama")
+    llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64,
+              prefix_host_cache_gb=0.01, async_scheduling=True)
+    llm.load_prefix("a", str(entry["adapters"]["p5"]))
+    llm.load_prefix("b", str(entry["adapters"]["p8proj"]))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": [1, 2]}] * 2, params,
+                                                         prefix=["a", "b"], use_tqdm=False)]
+    engine = llm.engine
+    engine.add_request("r", None, [1, 2], params, "b")
+    engine.step()  # submits the prefill
+    engine.step()  # submits the first decode and reads the prefill
+    assert len(engine._in_flight) == 1
+    llm.unload_prefix("a")
+    assert len(engine._in_flight) == 2  # queued behind the step in flight
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].outputs[0].token_ids == want[1]
+    host = engine.executor.worker.host_prefixes._entries
+    assert [key.split("#")[0] for key in host] == ["b"]
+    llm.shutdown()
+
+
 def test_a_sequence_whose_tokens_in_flight_reach_max_tokens_gets_no_further_step():
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), BlockManager(16, block_size=4))
     seqs = []
