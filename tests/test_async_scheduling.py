@@ -3,7 +3,9 @@ token that of one step at a time.
 
 The differential test runs random workloads (greedy and seeded sampling, n > 1, stop tokens, EOS, stop strings,
 max_tokens and the context limit, aborts mid-flight, preemption in a small KV cache, chunked prefill, decode runs,
-a prefix whose file is gone) through the engine in both modes and compares every request's outputs.
+a prefix whose file is gone) through the engine one forward per step, one step at a time (the reference), with
+async scheduling, and, where the settings have them, with decode runs one step at a time, and compares every
+request's outputs.
 """
 
 from __future__ import annotations
