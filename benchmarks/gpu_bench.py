@@ -322,8 +322,9 @@ def part_ours(args, work: Workload) -> int:
     llm = LLM(model=str(model_dir), device=device, dtype=_dtype(device), skip_tokenizer_init=True, block_size=16,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=None if device.startswith("cuda") else 4096, decode_steps=args.decode_steps,
-              fused_layers=args.fused_layers)
+              fused_layers=args.fused_layers, async_scheduling=args.async_scheduling)
     results.put("decode_steps", llm.engine.scheduler.config.decode_steps)
+    results.put("async_scheduling", args.async_scheduling)
     results.put("engine", _engine_info(llm, start))
     print(f"  engine up: {results.data['engine']}", flush=True)
     engine = llm.engine
@@ -349,7 +350,9 @@ def part_ours(args, work: Workload) -> int:
 
     timers = {"worker": 0.0, "runner": 0.0}
     calls = {"worker": 0, "runner": 0}
-    executor_execute, runner_execute = engine.executor.execute, runner.execute
+    # the engine's wait for the worker: execute, or with async scheduling collect (submit returns at once)
+    wait_name = "collect" if args.async_scheduling else "execute"
+    executor_execute, runner_execute = getattr(engine.executor, wait_name), runner.execute
 
     def timed(fn, name):
         def wrapper(*args, **kwargs):
@@ -360,7 +363,8 @@ def part_ours(args, work: Workload) -> int:
             return out
         return wrapper
 
-    engine.executor.execute, runner.execute = timed(executor_execute, "worker"), timed(runner_execute, "runner")
+    setattr(engine.executor, wait_name, timed(executor_execute, "worker"))
+    runner.execute = timed(runner_execute, "runner")
     # engine steps that only decode (every sequence brings its one newest token) against the rest (prefill)
     phases = {"decode_s": 0.0, "decode_tokens": 0, "decode_steps": 0, "decode_forwards": 0}
     schedule, engine_step, scheduled = engine.scheduler.schedule, engine.step, []
@@ -391,7 +395,8 @@ def part_ours(args, work: Workload) -> int:
         outs = llm.generate(prompts, params, prefix=assignment, use_tqdm=False)
         _sync(device)
     finally:
-        engine.executor.execute, runner.execute = executor_execute, runner_execute
+        setattr(engine.executor, wait_name, executor_execute)
+        runner.execute = runner_execute
         engine.scheduler.schedule, engine.step = schedule, engine_step
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -758,6 +763,8 @@ def main() -> int:
                         help="ours: the engine's decode_steps (default: the engine's own, 16 on CUDA)")
     parser.add_argument("--fused-layers", choices=["auto", "on", "off"], default=EngineConfig.fused_layers,
                         help="ours: the engine's fused_layers (default: %(default)s, on for CUDA)")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="ours: the engine's async_scheduling (worker_share is then the engine's wait in collect)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="ours: skip the kernel profile of one decode step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -62,6 +62,10 @@ class EngineConfig:
     # running sequence samples with a seed (scheduler/scheduler.py). None: 16 on GPUs, where it hides the host's
     # per-step work (docs/gpu.md has the measurements); 1 on CPU
     decode_steps: int | None = None
+    # schedule and send step k+1 to the workers while they run step k; the host reads step k's tokens one step late,
+    # with the same tokens as one step at a time (engine/llm_engine.py, docs/architecture.md). Off by default: on
+    # CPU it cannot help, and it has not been measured on a GPU yet
+    async_scheduling: bool = False
     # pure-decode steps replayed as CUDA graphs (workers/cuda_graphs.py). "auto": on CUDA devices; "on": also on a
     # CPU, where a stand-in re-runs the captured function (for tests); "off": every step eager
     cuda_graphs: str = "auto"
@@ -85,6 +89,8 @@ class EngineConfig:
         if self.executor == "inprocess" and self.tensor_parallel_size > 1:
             raise _bad("executor", f"'inprocess' runs one worker; tensor_parallel_size {self.tensor_parallel_size} "
                                    "needs 'mp' (local processes) or 'ray'.")
+        if not isinstance(self.async_scheduling, bool):
+            raise _bad("async_scheduling", f"must be True or False, got {self.async_scheduling!r}.")
         if self.placement_strategy not in ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"):
             raise _bad("placement_strategy", "must be STRICT_PACK, PACK, SPREAD or STRICT_SPREAD, got "
                                              f"{self.placement_strategy!r}.")

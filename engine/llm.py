@@ -94,6 +94,7 @@ class LLM:
                         finished[output.request_id] = output
                         if bar is not None:
                             bar.update(1)
+            self.engine.collect_in_flight()  # async scheduling: no worker runs once generate returns
         finally:
             if bar is not None:
                 bar.close()

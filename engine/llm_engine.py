@@ -2,6 +2,16 @@
 
 A step reads: schedule -> execute on the workers -> update sequences and emit outputs. Prefix registrations
 live in `PrefixLifecycle`, stop checks and output building in `OutputProcessor`.
+
+Async scheduling (`EngineConfig.async_scheduling`) splits execute into submit and collect, and submits step k+1
+before it collects step k, so that the host's work (scheduling, messages, stop checks, outputs) overlaps the
+workers'. Step k's bookkeeping is done when it is submitted: computed counts advance, and the tokens it samples
+count as pending (`Sequence.num_pending`); the workers feed them to step k+1 from their own copy of each
+sequence. Step k's tokens reach the host when it is collected, one step late: a sequence that stopped in step k
+was placed in step k+1 too, and its token from there is discarded. Two kinds of step are collected before the
+next is scheduled, because what comes next depends on their result: one that materializes a prefix (a failed
+load fails its requests and must be read again from the file) and one that forks an n > 1 request's samples.
+The output is token for token that of one step at a time (tests/test_async_scheduling.py).
 """
 
 from __future__ import annotations
@@ -9,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
@@ -46,6 +57,19 @@ class EngineStats:
     prefix_load_seconds: list[float] = field(default_factory=list)  # drained by the exporter
     steps: int = 0
     decode_run_steps: int = 0  # forwards that ran inside decode runs (steps counts each run once)
+    # async scheduling: steps collected after the next one was submitted, and steps that had to be collected
+    # before the next could be scheduled (a prefix load or a fork)
+    overlapped_steps: int = 0
+    sync_fallbacks: int = 0
+
+
+@dataclass
+class _InFlight:
+    """A step submitted to the workers whose result the engine has not read yet."""
+
+    out: SchedulerOutput
+    num_sampled: list[int]  # per scheduled sequence: the tokens this step samples for it (pending until read)
+    overlaps: bool  # the next step may be scheduled before this one's result is read
 
 
 class EngineCore:
@@ -73,7 +97,7 @@ class EngineCore:
         if config.tensor_parallel_size > 1:  # a bad split is refused here, before any worker starts
             check_split(hf_config, config.tensor_parallel_size)
         self.executor = make_executor(config.resolved_executor(), worker_config, self.spec,
-                                      config.placement_strategy)
+                                      config.placement_strategy, threaded=config.async_scheduling)
         num_blocks = self.executor.info.num_blocks
         self.attention_backend = self.executor.info.attention_backend
         self.block_manager = BlockManager(num_blocks, config.block_size)
@@ -90,6 +114,8 @@ class EngineCore:
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
         self._stream: set[str] = set()  # requests that want text after every step
+        self._in_flight: deque[_InFlight] = deque()  # steps submitted and not collected, oldest first
+        self._max_in_flight = 1 if config.async_scheduling else 0  # left in flight when step() returns
         # step() reports every request that changed; offline callers that only read finished outputs turn
         # this off and skip building an output per running request per step
         self.emit_unfinished = True
@@ -128,7 +154,9 @@ class EngineCore:
         """Tell the workers now, not with the next step, to drop the host copies of retired registrations: an
         idle server may not step again for a long time."""
         forget = self.prefixes.take_forgotten()
-        if forget:
+        if forget and self._in_flight:  # async scheduling: after the steps in flight, read by the next step()s
+            self._submit(StepMessage(forget_prefixes=forget), SchedulerOutput())
+        elif forget:
             self.executor.execute(StepMessage(forget_prefixes=forget))
 
     def prefix_names(self) -> list[str]:
@@ -199,7 +227,8 @@ class EngineCore:
             self.prefixes.release(request.prefix)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests to serve, or a step in flight to collect (async scheduling), so the loop steps on."""
+        return bool(self.requests or self._in_flight)
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -209,16 +238,58 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule -> execute -> update. Returns outputs of requests that changed."""
-        scheduled = self.scheduler.schedule()
-        message = self._step_message(scheduled)
-        if message is None:
+        """One iteration: schedule -> execute -> update. Returns outputs of requests that changed.
+
+        Execute is submit, then collect: one step at a time, each step is collected at once. With async
+        scheduling one step stays in flight, and a step() collects the step before the one it submitted."""
+        submitted = False
+        if self._in_flight and not self._in_flight[-1].overlaps:
+            self.stats.sync_fallbacks += 1  # what may be scheduled next depends on the step in flight
+        else:
+            scheduled = self.scheduler.schedule()
+            message = self._step_message(scheduled)
+            if message is not None:
+                self._submit(message, scheduled)
+                submitted = True
+        if len(self._in_flight) > self._max_in_flight or (self._in_flight and not submitted):
+            return self._collect()
+        return []
+
+    def _submit(self, message: StepMessage, out: SchedulerOutput) -> None:
+        """Send a step and do its bookkeeping now, as if it had run: computed counts advance, and the tokens it
+        samples are pending until it is collected."""
+        num_sampled = []
+        for item in out.scheduled:
+            seq = item.seq
+            samples = seq.num_uncomputed == item.num_tokens  # its last token is computed: it samples the next
+            num_sampled.append(item.num_steps if samples else 0)
+            seq.num_computed_tokens += item.num_tokens * item.num_steps
+            seq.num_pending += num_sampled[-1]
+        # a prefix load may fail, and a fork adds sequences: what follows depends on the result
+        overlaps = not out.prefix_loads and not any(n and item.seq.needs_fork
+                                                    for item, n in zip(out.scheduled, num_sampled))
+        self.executor.submit(message)
+        self._in_flight.append(_InFlight(out, num_sampled, overlaps))
+
+    def _collect(self) -> list[RequestOutput]:
+        """Read the oldest step's result: its tokens, stop checks and outputs."""
+        step = self._in_flight.popleft()
+        result = self.executor.collect()
+        out = step.out
+        for item, num_sampled in zip(out.scheduled, step.num_sampled):
+            item.seq.num_pending -= num_sampled
+        if not out.scheduled:  # only sequences or prefixes to forget
             return []
-        result = self.executor.execute(message)
-        if not scheduled.scheduled:  # only sequences or prefixes to forget
-            return []
-        failed = self._fail_prefix_loads(scheduled, result.failed_loads) if result.failed_loads else []
-        return failed + self._update(scheduled, result)
+        self.stats.overlapped_steps += bool(self._in_flight)
+        failed = self._fail_prefix_loads(out, result.failed_loads) if result.failed_loads else []
+        return failed + self._update(out, result)
+
+    def collect_in_flight(self) -> list[RequestOutput]:
+        """Read the steps in flight (async scheduling) without scheduling another, so that no worker runs after."""
+        outputs = []
+        while self._in_flight:
+            outputs += self._collect()
+        return outputs
 
     def _step_message(self, out: SchedulerOutput) -> StepMessage | None:
         """What the workers need for this step: only what changed (None when nothing did)."""
@@ -272,10 +343,7 @@ class EngineCore:
         stats.preemptions += out.num_preempted
         stats.prefix_loads += len(out.prefix_loads)
         stats.prefix_load_seconds.extend(result.load_seconds)
-        admitted_on_prefix = 0
-        for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_tokens * item.num_steps
-            admitted_on_prefix += item.is_new and item.seq.request.prefix is not None
+        admitted_on_prefix = sum(item.is_new and item.seq.request.prefix is not None for item in out.scheduled)
         # an admission that had to materialize its prefix is a miss; every other one found it resident
         stats.prefix_misses += len(out.prefix_loads)
         stats.prefix_hits += admitted_on_prefix - len(out.prefix_loads)
@@ -283,7 +351,9 @@ class EngineCore:
         changed: dict[str, Request] = {}
         for seq_id, tokens in result.sampled:
             seq = by_id[seq_id]
-            if seq.status is SequenceStatus.FINISHED:  # its request failed this step (_fail_prefix_loads)
+            if seq.status is SequenceStatus.FINISHED:
+                # its request failed this step (_fail_prefix_loads); or, with async scheduling, it was aborted or
+                # stopped in the step before: its token is one too many
                 continue
             request = seq.request
             if request.first_token_time is None:
@@ -332,3 +402,4 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        self._in_flight.clear()

@@ -53,8 +53,9 @@ class OutputProcessor:
             reason, stop_reason = self._find_stop_string(seq)
         if reason is None:
             num_tokens = len(seq.token_ids)
+            # the tokens this one was sampled after; a later step's, still in flight (async scheduling), do not count
             if (num_tokens - len(seq.request.prompt_token_ids) >= params.max_tokens
-                    or seq.num_tokens >= self.max_model_len):
+                    or seq.num_tokens - seq.num_pending >= self.max_model_len):
                 reason = "length"
             else:
                 return False

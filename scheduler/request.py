@@ -3,6 +3,10 @@
 Indices count in the sequence's KV stream, which starts with the prefix's P virtual tokens. So a prefixed
 sequence starts with `num_computed_tokens = P` (its prefix is already in the cache), and its first prompt token
 has index P, which is also its position id (PEFT starts a request's positions at P).
+
+With async scheduling a step's sampled tokens reach the host one step late: until then they count as
+`num_pending`, part of the stream (the workers have them, and the next step computes them) but not yet in
+`token_ids`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Sequence:
     output_text: str = ""
     needs_fork: bool = False  # the request wants n > 1 and this sequence has not been forked yet
     fork_ids: list[int] = field(default_factory=list)  # seq ids reserved for the n - 1 forked samples
+    num_pending: int = 0  # output tokens sampled by steps in flight, not yet read by the host (async scheduling)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -62,8 +67,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        """Length of the KV stream: prefix + prompt + output."""
-        return stream_index(self.num_prefix_tokens, len(self.token_ids))
+        """Length of the KV stream: prefix + prompt + output, including the output tokens still in flight."""
+        return stream_index(self.num_prefix_tokens, len(self.token_ids) + self.num_pending)
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens sampled so far, including those in flight."""
+        return len(self.token_ids) + self.num_pending - len(self.request.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -15,6 +15,12 @@ work (scheduling, messages, input packing, the wait for sampled tokens) over sev
 part in as many of the run's forwards as its `max_tokens` and the context limit leave it (at least one); it then
 drops out of the batch, so one sequence near its end does not shorten the run for the others. A sequence that
 stops on a stop token inside a run has its later tokens discarded by the engine.
+
+Async scheduling: the engine may schedule a step while the previous one is still running, so a sequence's
+newest tokens may still be in flight (`Sequence.num_pending`). They count as part of the stream, so a decoding
+sequence is scheduled its next token at once, fed on the worker from the token it has there. A sequence whose
+tokens in flight already reach `max_tokens` or the context limit gets no further step: it finishes when they are
+read. One that turns out to have stopped was placed in a step too many; the engine discards that token.
 """
 
 from __future__ import annotations
@@ -100,6 +106,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.num_pending and self._reaches_length(seq):  # finishes when its tokens in flight are read
+                index += 1
+                continue
             num_new = min(seq.num_uncomputed, budget)
             if num_new == 1 and bm.has_room_in_place(seq.seq_id, seq.num_computed_tokens):
                 # a decode token that fits its own last block: nothing to allocate, copy or check
@@ -120,6 +129,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token in flight: the host must know its tokens to recompute it
+                break
             num_new = min(seq.num_uncomputed, budget)
             if self._admission_cost(seq, num_new) > bm.num_available_blocks(keep_prefix=seq.request.prefix):
                 break
@@ -143,7 +154,7 @@ class Scheduler:
         for item in out.scheduled:
             seq = item.seq
             params = seq.request.params
-            generated = len(seq.token_ids) - len(seq.request.prompt_token_ids)
+            generated = seq.num_generated
             if item.is_new or seq.num_uncomputed != 1 or seq.needs_fork or generated == 0 or (
                     not params.greedy and params.seed is not None):
                 # a seeded row draws from its own generator on the host, token by token; a prompt's last token
@@ -171,6 +182,12 @@ class Scheduler:
                 assert not result.copies
                 item.table_from = min(item.table_from, result.table_from)
         out.num_steps = steps
+
+    def _reaches_length(self, seq: Sequence) -> bool:
+        """Whether the sequence's tokens, counting those in flight, reach `max_tokens` or the context limit."""
+        max_len = self.config.max_model_len
+        return seq.num_generated >= seq.request.params.max_tokens or (max_len is not None and
+                                                                     seq.num_tokens >= max_len)
 
     def _admission_cost(self, seq: Sequence, num_new: int) -> int:
         bm = self.block_manager

@@ -43,7 +43,9 @@ def launched(stack):
                           "--allowed-prefix-root", str(stack["root"] / "loadable"), "--served-model-name", BASE,
                           "--api-key", API_KEY, "--debug-endpoints", "--num-kv-blocks", str(NUM_KV_BLOCKS),
                           "--max-num-seqs", "128", "--log-level", "WARNING",
-                          "--decode-steps", "4"])  # runs of 4 forwards on CPU too; `offline` runs one at a time
+                          # runs of 4 forwards on CPU too, and each step scheduled while the one before runs;
+                          # `offline` runs one forward per step, one step at a time
+                          "--decode-steps", "4", "--async-scheduling"])
     yield proc
     code = proc.stop()
     assert code == proc.expected_exit_code, f"server exited with {code}:\n{proc.output()[-3000:]}"
@@ -515,7 +517,7 @@ def test_64_concurrent_streams_over_8_prefixes_finish_and_10_disconnects_are_abo
     finished, left = asyncio.run(run())
     assert left == [2] * 8
     assert all(len(ids) == 8 and finish == "length" for _, ids, finish, _ in finished)
-    assert_no_leak(server)
+    assert assert_no_leak(server)["overlapped_steps"] > 0  # async scheduling: steps ran while the next was scheduled
     after = scrape(server)
     aborts, lengths = (after[key] - before.get(key, 0) for key in (
         ("prefix_serve_requests_finished_total", (("reason", "abort"),)),

@@ -7,6 +7,10 @@ not grow with the number of workers. Every rank answers every step; rank 0's ans
 dies or raises fails the step with `WorkerFailedError` at once (the executor watches every rank, so no hang
 while the others wait in a collective), and the executor stops the other ranks. Ray is imported only by the Ray
 executor, so `import engine` works without it.
+
+A step is submitted, then its result collected: `execute` does both, and async scheduling submits step k+1 before
+it collects step k (the engine's `step`). Workers run steps in the order they were submitted, each to its end
+before the next, which is what lets the engine hand out blocks that a step still in flight reads or writes.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 import traceback
 from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from engine.model_spec import ModelSpec
 from engine.step_messages import StepMessage, StepResult, WorkerInfo
@@ -40,16 +48,34 @@ class WorkerStartupError(RuntimeError):
 
 
 class Executor(ABC):
-    """Runs a step on its workers. `info` holds what they reported at start-up (the fewest blocks of any rank)."""
+    """Runs steps on its workers, in the order they are submitted. `info` holds what they reported at start-up (the
+    fewest blocks of any rank)."""
 
     info: WorkerInfo
 
     def execute(self, message: StepMessage) -> StepResult:
+        """Run one step and wait for its result (no other step may be in flight)."""
         return StepResult.decode(self._execute(message.encode()))
 
-    @abstractmethod
     def _execute(self, step: bytes) -> bytes:
-        """Run one encoded step on every worker; returns the encoded result of rank 0, which samples."""
+        self._submit(step)
+        return self._collect()
+
+    def submit(self, message: StepMessage) -> None:
+        """Hand a step to every worker without waiting for it."""
+        self._submit(message.encode())
+
+    def collect(self) -> StepResult:
+        """The result of the oldest step submitted and not yet collected; waits for it."""
+        return StepResult.decode(self._collect())
+
+    @abstractmethod
+    def _submit(self, step: bytes) -> None:
+        """Send one encoded step to every worker."""
+
+    @abstractmethod
+    def _collect(self) -> bytes:
+        """The encoded result of rank 0 (which samples) for the oldest step in flight."""
 
     def shutdown(self) -> None:
         pass
@@ -68,12 +94,58 @@ def _failure(exc: BaseException) -> str:
 
 
 class InProcessExecutor(Executor):
-    def __init__(self, config: WorkerConfig, spec: ModelSpec):
+    """One worker in this process. `threaded` (async scheduling) runs it in a thread of its own, so that a step is
+    worked on while the engine's thread schedules the next one: on a GPU the worker thread waits for the device
+    (without the GIL) while the engine's host work runs. Without it a step runs inside `submit`."""
+
+    def __init__(self, config: WorkerConfig, spec: ModelSpec, threaded: bool = False):
         self.worker = Worker(config, spec)
         self.info = WorkerInfo.decode(self.worker.info())
+        self._answers: deque = deque()  # without a thread: the results not yet collected
+        self._thread = None
+        if threaded:
+            self._steps, self._results = queue.SimpleQueue(), queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._serve, args=(_current_cuda_device(config.device),),
+                                            name="prefix-serve-worker", daemon=True)
+            self._thread.start()
 
-    def _execute(self, step: bytes) -> bytes:
-        return self.worker.execute(step)
+    def _submit(self, step: bytes) -> None:
+        if self._thread is not None:
+            self._steps.put(step)
+        else:
+            self._answers.append(self.worker.execute(step))
+
+    def _collect(self) -> bytes:
+        if self._thread is None:
+            return self._answers.popleft()
+        answer, error = self._results.get()
+        if error is not None:
+            raise error  # the worker's own exception, as without a thread
+        return answer
+
+    def _serve(self, cuda_device: int | None) -> None:
+        """The worker thread: run steps in order until told to stop (None). An exception is handed to `collect`."""
+        if cuda_device is not None:  # the current device is per thread: keep the engine thread's
+            import torch
+
+            torch.cuda.set_device(cuda_device)
+        while (step := self._steps.get()) is not None:
+            try:
+                self._results.put((self.worker.execute(step), None))
+            except Exception as exc:  # noqa: BLE001 - raised again in the engine's thread
+                self._results.put((None, exc))
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._steps.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+def _current_cuda_device(device: str) -> int | None:
+    import torch
+
+    return torch.cuda.current_device() if str(device).startswith("cuda") and torch.cuda.is_available() else None
 
 
 # ---- local processes ---------------------------------------------------------------------------------------------
@@ -109,18 +181,29 @@ def _mp_worker_main(config: WorkerConfig, spec: ModelSpec, rank: int, init_metho
         traceback.print_exc()
         conn.send_bytes(_FAILED + _failure(exc).encode())
         return
-    while True:
-        try:
-            step = conn.recv_bytes()
-        except (EOFError, OSError):  # the driver is gone
-            return
-        try:
-            result = worker.execute(step)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            conn.send_bytes(_FAILED + _failure(exc).encode())
-            return
-        conn.send_bytes(_OK + (result if rank == 0 else b""))
+    # Answers are written from a thread of their own, so this rank reads the next step while its last answer is
+    # still being written: with async scheduling the driver writes step k+1 before it reads step k's answer, and
+    # two messages larger than the pipe's buffer would otherwise block both ends.
+    with ThreadPoolExecutor(1, thread_name_prefix="prefix-serve-answers") as answers:
+        while True:
+            try:
+                step = conn.recv_bytes()
+            except (EOFError, OSError):  # the driver is gone
+                return
+            try:
+                result = worker.execute(step)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                answers.submit(conn.send_bytes, _FAILED + _failure(exc).encode())
+                return
+            answers.submit(_send_answer, conn, _OK + (result if rank == 0 else b""))
+
+
+def _send_answer(conn, answer: bytes) -> None:
+    try:
+        conn.send_bytes(answer)
+    except (BrokenPipeError, OSError):  # the driver is gone; the next read ends the loop
+        pass
 
 
 class MultiprocExecutor(Executor):
@@ -159,13 +242,15 @@ class MultiprocExecutor(Executor):
             self.shutdown(wait=False)
             raise
 
-    def _execute(self, step: bytes) -> bytes:
+    def _submit(self, step: bytes) -> None:
         try:
             for conn in self._conns:
                 conn.send_bytes(step)
         except (BrokenPipeError, OSError) as exc:
             self.shutdown(wait=False)
             raise WorkerFailedError(f"a model worker process is gone: {exc}") from None
+
+    def _collect(self) -> bytes:
         return self._gather(WorkerFailedError)[0]
 
     def _gather(self, error: type[Exception]) -> list[bytes]:
@@ -252,6 +337,7 @@ class RayExecutor(Executor):
             ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
         self._ray = ray
         self.actors, self._remove = [], None
+        self._in_flight: deque[list] = deque()  # per step submitted and not collected: its calls, one per rank
         size = config.tensor_parallel_size
         on_gpu = str(config.device).startswith("cuda")
         if on_gpu and ray.cluster_resources().get("GPU", 0) < size:
@@ -287,9 +373,13 @@ class RayExecutor(Executor):
             self.shutdown()
             raise
 
-    def _execute(self, step: bytes) -> bytes:
+    def _submit(self, step: bytes) -> None:
         ref = self._ray.put(step)  # one copy in the object store, whatever the number of ranks
-        return self._gather([actor.execute.remote(ref) for actor in self.actors], WorkerFailedError)[0]
+        # an actor runs one caller's calls in the order they were made, one at a time
+        self._in_flight.append([actor.execute.remote(ref) for actor in self.actors])
+
+    def _collect(self) -> bytes:
+        return self._gather(self._in_flight.popleft(), WorkerFailedError)[0]
 
     def _gather(self, refs: list, error: type[Exception]) -> list:
         """Every rank's answer, taken as they come, so a failed rank is seen while the others wait for it."""
@@ -315,10 +405,12 @@ class RayExecutor(Executor):
             self._remove = None
 
 
-def make_executor(kind: str, config: WorkerConfig, spec: ModelSpec, placement_strategy: str = "STRICT_PACK"
-                  ) -> Executor:
+def make_executor(kind: str, config: WorkerConfig, spec: ModelSpec, placement_strategy: str = "STRICT_PACK",
+                  threaded: bool = False) -> Executor:
+    """`threaded`: the in-process worker runs in a thread of its own (async scheduling); the others always run
+    apart from the engine."""
     if kind == "inprocess":
-        return InProcessExecutor(config, spec)
+        return InProcessExecutor(config, spec, threaded)
     if kind == "mp":
         return MultiprocExecutor(config, spec)
     if kind == "ray":

@@ -335,7 +335,8 @@ class EngineLoop:
                 "used_blocks": bm.num_used_blocks, "block_tables": len(bm.tables),
                 "requests": len(engine.requests), "running": engine.num_running(), "waiting": engine.num_waiting(),
                 "resident_prefixes": len(bm.resident_prefixes()), "tracked": len(self._tracked),
-                "steps": engine.stats.steps, "decode_run_steps": engine.stats.decode_run_steps}
+                "steps": engine.stats.steps, "decode_run_steps": engine.stats.decode_run_steps,
+                "overlapped_steps": engine.stats.overlapped_steps, "sync_fallbacks": engine.stats.sync_fallbacks}
 
 def _is_plain_name(name: str) -> bool:
     """One directory name: no separators, not `.` or `..`, and short enough for the file system."""

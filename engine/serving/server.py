@@ -530,6 +530,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Decode steps run back to back on the device per engine step when nothing waiting "
                              "could start (not for requests with a seed); tokens then stream in groups of up to "
                              "this many (default: 16 on GPUs, 1 on CPU).")
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=default["async_scheduling"],
+                        help="Schedule and send each engine step while the workers still run the one before, "
+                             "reading sampled tokens one step late; the tokens are the same as without it. For GPUs, "
+                             "where the host's work then overlaps the device's; no gain on CPU (default: off).")
     engine.add_argument("--cuda-graphs", default=default["cuda_graphs"], choices=["auto", "on", "off"],
                         help="Run pure-decode steps as CUDA graphs, one captured per batch size: auto (on CUDA "
                              "devices), on (on a CPU too, re-running the captured function; for tests) or off "
