@@ -20,8 +20,8 @@ from engine.outputs import RequestOutput
 from engine.prefix_lifecycle import PrefixLifecycle
 from engine.prefix_registry import PrefixRegistry
 from engine.sampling_params import SamplingParams
-from engine.step_messages import (PrefixLoad, SamplingSettings, ScheduledSequence, SequenceState, StepMessage,
-                                  StepResult, fork_children)
+from engine.step_messages import (PrefixFetch, PrefixLoad, SamplingSettings, ScheduledSequence, SequenceState,
+                                  StepMessage, StepResult, fork_children)
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request, Sequence, SequenceStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -30,6 +30,9 @@ from workers.parallel import check_split
 from workers.worker import WorkerConfig
 
 logger = logging.getLogger("prefix_serve.engine")
+# How long a step with nothing to run but prefix reads in flight waits in the workers for one to finish. The wait
+# ends as soon as one does, so this bounds only how late the engine notices new requests while it waits.
+PREFETCH_POLL_S = 0.1
 
 
 @dataclass
@@ -44,6 +47,9 @@ class EngineStats:
     prefix_misses: int = 0
     prefix_loads: int = 0
     prefix_load_seconds: list[float] = field(default_factory=list)  # drained by the exporter
+    # per request on a prefix, at its first admission: seconds from arrival until its prefix was resident or
+    # staged (0 when it already was); drained by the exporter
+    prefix_wait_seconds: list[float] = field(default_factory=list)
     steps: int = 0
     decode_run_steps: int = 0  # forwards that ran inside decode runs (steps counts each run once)
 
@@ -127,9 +133,9 @@ class EngineCore:
     def _send_forgotten(self) -> None:
         """Tell the workers now, not with the next step, to drop the host copies of retired registrations: an
         idle server may not step again for a long time."""
-        forget = self.prefixes.take_forgotten()
-        if forget:
-            self.executor.execute(StepMessage(forget_prefixes=forget))
+        forget, unstage = self.prefixes.take_forgotten(), self.scheduler.take_unstaged()
+        if forget or unstage:
+            self.executor.execute(StepMessage(forget_prefixes=forget, unstage=unstage))
 
     def prefix_names(self) -> list[str]:
         return self.registry.names()
@@ -188,6 +194,8 @@ class EngineCore:
         for seq in request.sequences:
             self.scheduler.finish(seq, "abort")
         self._forget(request)
+        if not self.requests:  # an idle engine may not step again soon: drop a read no one waits for now
+            self._send_forgotten()
 
     def _forget(self, request: Request) -> None:
         """A finished or aborted request leaves the engine: counted, and its prefix released."""
@@ -211,19 +219,53 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule -> execute -> update. Returns outputs of requests that changed."""
         scheduled = self.scheduler.schedule()
+        failed = []
+        if not scheduled.scheduled and self.scheduler.num_fetching:  # only prefix reads to wait for
+            failed = self._wait_for_prefixes(scheduled)
+            scheduled = self.scheduler.schedule()
         message = self._step_message(scheduled)
         if message is None:
-            return []
+            return failed
         result = self.executor.execute(message)
+        failed += self._prefixes_fetched(result)
         if not scheduled.scheduled:  # only sequences or prefixes to forget
-            return []
-        failed = self._fail_prefix_loads(scheduled, result.failed_loads) if result.failed_loads else []
+            return failed
+        failed += self._fail_prefix_loads(scheduled, result.failed_loads) if result.failed_loads else []
         return failed + self._update(scheduled, result)
+
+    def _wait_for_prefixes(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Nothing can run until a prefix read finishes: send what this schedule produced and wait in the
+        workers, briefly, for a read to finish (no busy polling)."""
+        message = self._step_message(out) or StepMessage()
+        message.wait_s = PREFETCH_POLL_S
+        return self._prefixes_fetched(self.executor.execute(message))
+
+    def _prefixes_fetched(self, result: StepResult) -> list[RequestOutput]:
+        """Reads reported done make their requests admissible; a failed read fails the requests waiting for it."""
+        if not (result.fetched or result.failed_fetches):
+            return []
+        doomed = self.scheduler.prefixes_fetched(result.fetched, result.failed_fetches)
+        now = time.monotonic()
+        outputs = []
+        for request in {seq.request.request_id: seq.request for seq in doomed}.values():
+            if request.request_id in self.requests:
+                outputs.append(self._fail_request(request, result.failed_fetches[request.prefix], now))
+        return outputs
+
+    def _fail_request(self, request: Request, reason: str, now: float) -> RequestOutput:
+        """Finish a request whose prefix could not be read, with the error its client sees."""
+        path = self.prefixes.path(request.prefix)  # read first: the request's end may retire the key
+        logger.error("prefix %s (%s) could not be read: %s", request.prefix, path, reason)
+        for seq in request.sequences:
+            self.scheduler.finish(seq, "error")
+        output = self._output(request, now)
+        output.error = f"The prefix {request.prefix_name!r} could not be loaded from {path}: {reason}"
+        return output
 
     def _step_message(self, out: SchedulerOutput) -> StepMessage | None:
         """What the workers need for this step: only what changed (None when nothing did)."""
         forget = self.prefixes.take_forgotten()
-        if not (out.scheduled or out.dropped_seq_ids or forget):
+        if not (out.scheduled or out.dropped_seq_ids or forget or out.prefetch or out.unstage):
             return None
         tables = self.block_manager.tables
         seqs = []
@@ -241,8 +283,9 @@ class EngineCore:
                 entry.num_steps = item.num_steps  # leaves the run after its first num_steps forwards
             seqs.append(entry)
         loads = [PrefixLoad(e.name, self.prefixes.path(e.name), e.block_ids, e.num_tokens) for e in out.prefix_loads]
+        fetches = [PrefixFetch(key, self.prefixes.path(key), num_tokens) for key, num_tokens in out.prefetch]
         return StepMessage(seqs, out.dropped_seq_ids, loads, [[c.src, c.dst] for c in out.copies], out.num_steps,
-                           forget)
+                           forget, fetches, out.unstage)
 
     def _fail_prefix_loads(self, out: SchedulerOutput, failed: dict[str, str]) -> list[RequestOutput]:
         """Fail the requests whose prefix the worker could not materialize (it left their sequences out), and
@@ -250,16 +293,10 @@ class EngineCore:
         now = time.monotonic()
         outputs = []
         for key, reason in failed.items():
-            path = self.prefixes.path(key)  # read first: the last request's end may retire the key
-            logger.error("prefix %s (%s) could not be materialized: %s", key, path, reason)
             for item in out.scheduled:
                 request = item.seq.request
                 if item.is_new and request.prefix == key and request.request_id in self.requests:
-                    for seq in request.sequences:
-                        self.scheduler.finish(seq, "error")
-                    output = self._output(request, now)
-                    output.error = f"The prefix {request.prefix_name!r} could not be loaded from {path}: {reason}"
-                    outputs.append(output)
+                    outputs.append(self._fail_request(request, reason, now))
             self.block_manager.evict_prefix(key)  # no sequence holds it any more
         return outputs
 
@@ -276,6 +313,8 @@ class EngineCore:
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_tokens * item.num_steps
             admitted_on_prefix += item.is_new and item.seq.request.prefix is not None
+            if item.is_new and item.seq.request.prefix is not None and item.seq.request.prefix_wait is None:
+                self._record_prefix_wait(item.seq)
         # an admission that had to materialize its prefix is a miss; every other one found it resident
         stats.prefix_misses += len(out.prefix_loads)
         stats.prefix_hits += admitted_on_prefix - len(out.prefix_loads)
@@ -302,6 +341,15 @@ class EngineCore:
             if self.emit_unfinished or (stopped and request.finished) or request.request_id in self._stream:
                 changed[request.request_id] = request
         return [self._output(r, now) for r in changed.values()]
+
+    def _record_prefix_wait(self, seq: Sequence) -> None:
+        """A request's first admission: how long it waited for its prefix (failed requests are not counted)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        request = seq.request
+        ready = request.prefix_ready_time if request.prefix_ready_time is not None else request.arrival_time
+        request.prefix_wait = max(0.0, ready - request.arrival_time)
+        self.stats.prefix_wait_seconds.append(request.prefix_wait)
 
     def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         children = []
