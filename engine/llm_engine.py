@@ -30,8 +30,9 @@ from workers.parallel import check_split
 from workers.worker import WorkerConfig
 
 logger = logging.getLogger("prefix_serve.engine")
-# How long a step with nothing to run but prefix reads in flight waits in the workers for one to finish. The wait
-# ends as soon as one does, so this bounds only how late the engine notices new requests while it waits.
+# How long a step with nothing to run but prefix reads in flight waits in the workers for them to finish. The wait
+# ends as soon as they are done, so this bounds how late the engine notices new requests (and admits the requests
+# of reads that finished early) while a slow read runs.
 PREFETCH_POLL_S = 0.1
 
 
@@ -235,7 +236,7 @@ class EngineCore:
 
     def _wait_for_prefixes(self, out: SchedulerOutput) -> list[RequestOutput]:
         """Nothing can run until a prefix read finishes: send what this schedule produced and wait in the
-        workers, briefly, for a read to finish (no busy polling)."""
+        workers, briefly, for the reads to finish (no busy polling)."""
         message = self._step_message(out) or StepMessage()
         message.wait_s = PREFETCH_POLL_S
         return self._prefixes_fetched(self.executor.execute(message))

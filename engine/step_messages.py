@@ -6,7 +6,7 @@ at start-up, describes itself with a `WorkerInfo`.
 
 Order inside a step: forget prefixes and sequences, drop the `unstage`d reads, start the `prefetch` reads (in
 the background), materialize `prefix_loads`, make the copy-on-write `copies`, then run the forward(s) over
-`seqs`, in batch order; last, when nothing ran and `wait_s` is set, wait up to that long for a read to finish,
+`seqs`, in batch order; last, when nothing ran and `wait_s` is set, wait up to that long for the reads to finish,
 and report the reads that finished since the last step (`fetched`, `failed_fetches`). `num_steps` > 1 is a decode run of that many forwards,
 each sequence taking part in the first `num_steps` of them given in its entry (all of them when None).
 
@@ -124,7 +124,7 @@ class StepMessage(_Message):
     forget_prefixes: list[str] = field(default_factory=list)  # unloaded or replaced: drop any host or staged copy
     prefetch: list[PrefixFetch] = field(default_factory=list)
     unstage: list[str] = field(default_factory=list)  # no request waits for these reads any more: drop them
-    wait_s: float = 0.0  # nothing to run: wait up to this long for a prefetch to finish (no busy polling)
+    wait_s: float = 0.0  # nothing to run: wait up to this long for the prefetches to finish (no busy polling)
 
 
 @dataclass(slots=True)

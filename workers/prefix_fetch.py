@@ -73,10 +73,11 @@ class PrefixFetcher:
             future.cancel()  # a read not yet started never starts
 
     def wait(self, timeout: float) -> None:
-        """Block until some unreported read finishes, or `timeout` seconds: an idle engine's poll."""
+        """Block until the unreported reads finish, or `timeout` seconds: an idle engine's poll. Waiting for all
+        of them, not the first, lets the engine admit their requests together, in one prefill."""
         running = [f for f in self._unreported.values() if not f.done()]
-        if running and len(running) == len(self._unreported):
-            cf.wait(running, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        if running:
+            cf.wait(running, timeout=timeout)
 
     def completed(self) -> tuple[list[str], dict[str, str]]:
         """The staged keys whose read finished since the last call: (ready keys, {failed key: why})."""

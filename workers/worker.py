@@ -162,7 +162,7 @@ class Worker:
             self.fetcher.prefetch(fetch.key, fetch.path, fetch.num_tokens)
 
     def _report_fetches(self, result: StepResult, wait_s: float) -> None:
-        """Report the reads that finished. A step that ran nothing may first wait (up to `wait_s`) for one, so
+        """Report the reads that finished. A step that ran nothing may first wait (up to `wait_s`) for them, so
         an engine whose only work is a read in flight does not spin."""
         if wait_s:
             self.fetcher.wait(wait_s)
