@@ -11,6 +11,7 @@ import time
 import weakref
 
 import pytest
+from test_parity import MAX_TOKENS, PREFIXES, PROMPTS, _expected, _referee
 
 import workers.worker
 from engine import LLM, SamplingParams
@@ -18,7 +19,6 @@ from engine.llm_engine import PREFETCH_POLL_S
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request, Sequence
 from scheduler.scheduler import Scheduler, SchedulerConfig
-from test_parity import MAX_TOKENS, PREFIXES, PROMPTS, _expected, _referee
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 DELAY_S = 1.5
