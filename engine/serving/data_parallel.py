@@ -176,7 +176,8 @@ class DataParallelClient:
         self.replica_cpus = replica_cpus
         self.routing = routing
         self.decode_tokenizer = None  # replicas decode; kept for the server's interface
-        self.on_load_seconds = lambda seconds: None
+        self.on_load_seconds = lambda seconds: None  # the replicas' histograms are not forwarded (as before)
+        self.on_prefix_wait_seconds = lambda seconds: None
         self.on_step_seconds = lambda seconds: None
         self.info: dict = {}
         self.dead: str | None = None
