@@ -97,6 +97,7 @@ class EngineCore:
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
         self._stream: set[str] = set()  # requests that want text after every step
+        self._outputs_between_steps: list[RequestOutput] = []  # failed reads reported to a message between steps
         # step() reports every request that changed; offline callers that only read finished outputs turn
         # this off and skip building an output per running request per step
         self.emit_unfinished = True
@@ -136,7 +137,10 @@ class EngineCore:
         idle server may not step again for a long time."""
         forget, unstage = self.prefixes.take_forgotten(), self.scheduler.take_unstaged()
         if forget or unstage:
-            self.executor.execute(StepMessage(forget_prefixes=forget, unstage=unstage))
+            # the answer reports the reads that finished meanwhile, as a step's does; the next step returns the
+            # outputs of requests whose read failed
+            result = self.executor.execute(StepMessage(forget_prefixes=forget, unstage=unstage))
+            self._outputs_between_steps += self._prefixes_fetched(result)
 
     def prefix_names(self) -> list[str]:
         return self.registry.names()
@@ -208,7 +212,8 @@ class EngineCore:
             self.prefixes.release(request.prefix)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests in flight, or the outputs of requests that failed between steps, which the next step returns."""
+        return bool(self.requests or self._outputs_between_steps)
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -220,7 +225,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule -> execute -> update. Returns outputs of requests that changed."""
         scheduled = self.scheduler.schedule()
-        failed = []
+        failed, self._outputs_between_steps = self._outputs_between_steps, []
         if not scheduled.scheduled and self.scheduler.num_fetching:  # only prefix reads to wait for
             failed = self._wait_for_prefixes(scheduled)
             scheduled = self.scheduler.schedule()

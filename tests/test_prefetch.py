@@ -159,6 +159,34 @@ def test_a_read_in_flight_leaves_nothing_staged_when_its_request_or_registration
     assert engine.block_manager.prefix_blocks() == 0
 
 
+def test_a_read_that_fails_while_the_engine_talks_to_the_workers_between_steps_still_fails_its_request(
+        tiny_zoo, monkeypatch):
+    """A reload sends the workers a message between steps; its answer reports the failed read, and the next
+    step returns the failed request's output (the serving loop steps while such an output is pending)."""
+    entry = tiny_zoo("llama")
+    llm = _engine(entry)
+    engine = llm.engine
+    gate = threading.Event()
+
+    def fail_at_gate():
+        gate.wait()
+        raise OSError("gone")
+
+    _patch_reads(monkeypatch, {"p16": fail_at_gate})
+    engine.add_request("r", None, [1, 2, 3], GREEDY, "p16")
+    assert engine.step() == []
+    gate.set()
+    fetcher = engine.executor.worker.fetcher
+    deadline = time.monotonic() + 5
+    while not all(f.done() for f in fetcher._unreported.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.load_prefix("p5", str(entry["adapters"]["p5"]))  # a reload: the old p5 registration is forgotten
+    assert engine.has_unfinished_requests()
+    outputs = engine.step()
+    assert [o.request_id for o in outputs] == ["r"] and "OSError: gone" in outputs[0].error
+    assert not engine.has_unfinished_requests() and fetcher.num_staged == 0
+
+
 def test_the_scheduler_admits_the_requests_behind_one_whose_prefix_is_being_read():
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockManager(32, 4))
     seqs = []

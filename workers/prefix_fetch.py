@@ -38,8 +38,10 @@ class PrefixFetcher:
         self._unreported: dict[str, cf.Future] = {}  # the staged reads not yet reported by `completed`
 
     def prefetch(self, key: str, path: str, num_tokens: int) -> None:
-        """Stage a prefix: from the host tier at once, else by a read in the background. Once per staging."""
+        """Stage a prefix: from the host tier at once, else by a read in the background; each prefetch is answered
+        by `completed`. A key already staged is not read again."""
         if key in self._staged:
+            self._unreported[key] = self._staged[key]
             return
         kv = self.host.lookup(key)
         if kv is not None:
