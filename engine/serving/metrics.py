@@ -99,7 +99,8 @@ class ServerMetrics:
         self.e2e = Histogram("prefix_serve_e2e_request_latency_seconds", "Time from receiving a request to its "
                              "last token (finished requests only).", buckets=E2E_BUCKETS, registry=self.registry)
         self.prefix_load = Histogram("prefix_serve_prefix_load_seconds", "Time to materialize a prefix into KV "
-                                     "blocks (read from host cache or disk, write into the cache).",
+                                     "blocks in the step (take its staged KV, write into the cache; the disk read "
+                                     "runs before, in the background).",
                                      buckets=PREFIX_LOAD_BUCKETS, registry=self.registry)
         self.prefix_wait = Histogram("prefix_serve_prefix_wait_seconds", "Time a request waited for its prefix: "
                                      "from its arrival at the engine until its prefix was on the device or staged in "
