@@ -134,7 +134,9 @@ class StepResult(_Message):
     sampled: list[list] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
     failed_loads: dict[str, str] = field(default_factory=dict)  # prefix key -> why it could not be materialized
-    fetched: list[str] = field(default_factory=list)  # prefetches staged since the last step, ready to load
+    # prefetches staged since the last step, ready to load -> seconds since the read finished (the time a request
+    # waited for its prefix ends then, not when the step that saw it ends)
+    fetched: dict[str, float] = field(default_factory=dict)
     failed_fetches: dict[str, str] = field(default_factory=dict)  # prefetches whose read failed -> why
 
 

@@ -181,17 +181,18 @@ class Scheduler:
             request.prefix_ready_time = max(request.arrival_time, fetch.ready_at)
         return True
 
-    def prefixes_fetched(self, ready: list[str], failed: dict[str, str]) -> list[Sequence]:
-        """The workers' report of finished reads. Ready prefixes become admissible; returns the waiting sequences
-        of the failed ones, which the caller fails (their reads are dropped, so a later request reads again)."""
+    def prefixes_fetched(self, ready: dict[str, float], failed: dict[str, str]) -> list[Sequence]:
+        """The workers' report of finished reads (ready key -> seconds since its read finished). Ready prefixes
+        become admissible; returns the waiting sequences of the failed ones, which the caller fails (their reads
+        are dropped, so a later request reads again)."""
         now = monotonic()
-        for key in ready:
+        for key, age in ready.items():
             fetch = self._fetches.get(key)
             if fetch is not None and fetch.ready_at is None:  # None: unstaged meanwhile
-                fetch.ready_at = now
+                fetch.ready_at = now - age
                 for seq in fetch.waiters:
                     if seq.request.prefix_ready_time is None:
-                        seq.request.prefix_ready_time = now
+                        seq.request.prefix_ready_time = max(seq.request.arrival_time, fetch.ready_at)
         doomed = []
         for key in failed:
             fetch = self._fetches.pop(key, None)

@@ -197,11 +197,11 @@ def test_the_scheduler_admits_the_requests_behind_one_whose_prefix_is_being_read
     out = scheduler.schedule()
     assert [item.seq.seq_id for item in out.scheduled] == [1, 3]  # no head-of-line blocking
     assert out.prefetch == [("slow", 4), ("fast", 4)] and scheduler.num_fetching == 2
-    assert scheduler.prefixes_fetched(["fast"], {}) == []
+    assert scheduler.prefixes_fetched({"fast": 0.0}, {}) == []
     out = scheduler.schedule()
     assert [item.seq.seq_id for item in out.scheduled if item.is_new] == [2] and out.prefetch == []
     assert [entry.name for entry in out.prefix_loads] == ["fast"]
-    assert scheduler.prefixes_fetched([], {"slow": "OSError: gone"}) == [seqs[0]]
+    assert scheduler.prefixes_fetched({}, {"slow": "OSError: gone"}) == [seqs[0]]
     scheduler.finish(seqs[0], "error")
     assert scheduler.schedule().unstage == ["slow"] and not scheduler._fetches
     scheduler.check_integrity()
@@ -224,11 +224,11 @@ def test_a_load_on_a_rank_whose_read_is_still_running_waits_for_that_read():
 
     fetcher = PrefixFetcher(read, HostPrefixCache(0))
     fetcher.prefetch("k", "/adapters/k", 3)
-    assert fetcher.completed() == ([], {})
+    assert fetcher.completed() == ({}, {})
     threading.Timer(0.2, gate.set).start()
     kv = fetcher.take("k", "/adapters/k", 3)
     assert kv.shape == (1, 2, 3, 1, 2) and kv.eq(7).all() and calls == ["/adapters/k"]
-    assert fetcher.num_staged == 0 and fetcher.completed() == ([], {})  # taken: nothing left to report
+    assert fetcher.num_staged == 0 and fetcher.completed() == ({}, {})  # taken: nothing left to report
     fetcher.close()
 
 

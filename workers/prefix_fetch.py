@@ -13,6 +13,7 @@ page-locked memory, so the copy to the device (`KVCache.write_prefix`) is an asy
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from collections.abc import Callable
 
 import torch
@@ -49,6 +50,7 @@ class PrefixFetcher:
             future.set_result(kv)
         else:
             future = self._pool.submit(self._read_for_device, path, num_tokens)
+        future.add_done_callback(_note_done_time)  # runs in the reading thread (or now, for a host-tier hit)
         self._staged[key] = self._unreported[key] = future
 
     def _read_for_device(self, path: str, num_tokens: int) -> torch.Tensor:
@@ -81,15 +83,17 @@ class PrefixFetcher:
         if running:
             cf.wait(running, timeout=timeout)
 
-    def completed(self) -> tuple[list[str], dict[str, str]]:
-        """The staged keys whose read finished since the last call: (ready keys, {failed key: why})."""
-        ready, failed = [], {}
+    def completed(self) -> tuple[dict[str, float], dict[str, str]]:
+        """The staged keys whose read finished since the last call: ({ready key: seconds since its read finished},
+        {failed key: why}). The age, not a time: the engine's clock may be another process's or machine's."""
+        ready, failed = {}, {}
+        now = time.monotonic()
         for key, future in list(self._unreported.items()):
             if future.done():
                 del self._unreported[key]
                 error = future.exception()
                 if error is None:
-                    ready.append(key)
+                    ready[key] = max(0.0, now - getattr(future, "done_at", now))
                 else:  # stays staged, so a load on another rank fails the same way, until the engine unstages it
                     failed[key] = describe_failure(error)
         return ready, failed
@@ -100,3 +104,7 @@ class PrefixFetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _note_done_time(future: cf.Future) -> None:
+    future.done_at = time.monotonic()

@@ -103,8 +103,8 @@ class ServerMetrics:
                                      "runs before, in the background).",
                                      buckets=PREFIX_LOAD_BUCKETS, registry=self.registry)
         self.prefix_wait = Histogram("prefix_serve_prefix_wait_seconds", "Time a request waited for its prefix: "
-                                     "from its arrival at the engine until its prefix was on the device or staged in "
-                                     "host memory (0 when it already was); one observation per request on a "
+                                     "from its arrival at the engine until its prefix was on the device or its read "
+                                     "into host memory finished (0 when it already was); one observation per request on a "
                                      "prefix, at its admission.", buckets=PREFIX_LOAD_BUCKETS,
                                      registry=self.registry)
         self.engine_step = Histogram("prefix_serve_engine_step_seconds", "Duration of one engine step (schedule, "
