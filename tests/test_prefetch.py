@@ -247,3 +247,27 @@ def test_two_tensor_parallel_ranks_with_prefetch_match_the_referee(tiny_zoo, req
     stats = llm.engine.stats
     assert stats.prefix_loads > len(set(PREFIXES) - {None})  # evicted prefixes were fetched again
     assert len(stats.prefix_wait_seconds) == 2 * sum(p is not None for p in PREFIXES)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_a_prefix_written_on_the_copy_stream_is_seen_by_the_next_kernel_on_the_compute_stream():
+    """The GPU path of KVCache.write_prefix (its own stream, ordered before the next forward). Its blocks were
+    just freed: a kernel queued before still reads them, and must see the old values, not the prefix."""
+    import torch
+
+    from workers.kv_cache import KVCache
+
+    spec = type("Spec", (), {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64})
+    cache = KVCache(spec, 64, 16, torch.float32, "cuda")
+    cache.data.fill_(3.0)
+    big = torch.randn(4096, 4096, device="cuda")
+    before = [big @ big for _ in range(8)]  # keeps the compute stream busy
+    old = cache.data[:, :, [5, 9]].clone()  # queued before the write: must read the old blocks
+    kv = torch.randn(2, 2, 20, 2, 64).pin_memory()
+    cache.write_prefix(kv, [5, 9])
+    after = cache.data[:, :, [5, 9]].clone()  # queued after: must read the prefix
+    torch.cuda.synchronize()
+    assert old.eq(3.0).all() and len(before) == 8
+    flat = after.reshape(2, 2, 32, 2, 64)[:, :, :20]
+    assert torch.equal(flat.cpu(), kv)
