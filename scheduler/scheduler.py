@@ -12,8 +12,8 @@ Prefetch: a waiting sequence whose prefix is not resident is admitted only once 
 staged in host memory. Until then it is passed over, and the sequences behind it are considered, so a slow read
 blocks only the requests on that prefix. The first such sequence asks the workers to read the prefix
 (`SchedulerOutput.prefetch`); `prefixes_fetched` reports the reads done. Past `max_num_seqs` passed-over
-sequences a step stops looking, which bounds the reads one step starts (and the staged prefixes, which are
-held only for waiting sequences at the head of the queue).
+sequences a step stops looking, which bounds the reads one step starts. A staged read is held for the waiting
+sequences that need it: until one of them is admitted (it is materialized) or all of them have left (unstaged).
 
 Decode runs: when a step is pure decode (greedy or unseeded sampling) and nothing waiting could be admitted
 anyway, the step is stretched to up to `decode_steps` forwards. The worker runs them back to back, each fed the
