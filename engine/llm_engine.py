@@ -227,7 +227,7 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         failed, self._outputs_between_steps = self._outputs_between_steps, []
         if not scheduled.scheduled and self.scheduler.num_fetching:  # only prefix reads to wait for
-            failed = self._wait_for_prefixes(scheduled)
+            failed += self._wait_for_prefixes(scheduled)
             scheduled = self.scheduler.schedule()
         message = self._step_message(scheduled)
         if message is None:

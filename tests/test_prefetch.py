@@ -172,19 +172,24 @@ def test_a_read_that_fails_while_the_engine_talks_to_the_workers_between_steps_s
         gate.wait()
         raise OSError("gone")
 
-    _patch_reads(monkeypatch, {"p16": fail_at_gate})
+    still_reading = threading.Event()
+    _patch_reads(monkeypatch, {"p16": fail_at_gate, "p8proj": still_reading.wait})
     engine.add_request("r", None, [1, 2, 3], GREEDY, "p16")
+    engine.add_request("other", None, [4, 5], GREEDY, "p8proj")  # its read is still running throughout
     assert engine.step() == []
     gate.set()
     fetcher = engine.executor.worker.fetcher
     deadline = time.monotonic() + 5
-    while not all(f.done() for f in fetcher._unreported.values()) and time.monotonic() < deadline:
+    while not fetcher._staged[engine.prefixes.resolve("p16")[0]].done() and time.monotonic() < deadline:
         time.sleep(0.01)
     engine.load_prefix("p5", str(entry["adapters"]["p5"]))  # a reload: the old p5 registration is forgotten
-    assert engine.has_unfinished_requests()
-    outputs = engine.step()
+    outputs = engine.step()  # nothing to run: it waits for "other"'s read, and returns "r"'s failure too
     assert [o.request_id for o in outputs] == ["r"] and "OSError: gone" in outputs[0].error
-    assert not engine.has_unfinished_requests() and fetcher.num_staged == 0
+    still_reading.set()
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].request_id == "other" and outputs[-1].error is None
+    assert fetcher.num_staged == 0
 
 
 def test_the_scheduler_admits_the_requests_behind_one_whose_prefix_is_being_read():
