@@ -3,8 +3,10 @@
   mixed    64 requests over 16 prefixes (P=16), prompts of 20-60 tokens, 64 new tokens each (ignore_eos).
            Baselines: PEFT generating each prefix's group as one batch, and plain transformers generating all
            64 prompts as one static batch with no prefix.
-  scaling  128 requests with 32 new tokens, prefixes drawn uniformly and by Zipf(1.0) from 1, 16, 256 and
-           4,096 registered prefixes: throughput, peak RSS, KV blocks held by prefixes, prefix load p50/p99.
+  scaling  128 requests (--num-prompts) with 32 new tokens, prefixes drawn uniformly and by Zipf(1.0) from 1, 16,
+           256 and 4,096 registered prefixes (--counts): throughput, peak RSS, KV blocks held by prefixes, prefix
+           evictions, prefix load p50/p99 and the p99 of the time a request waits for its prefix. --kv-blocks
+           makes the KV cache small enough that the prefixes in use do not all fit in it at once.
   online   the real server under a Poisson arrival-rate sweep (`benchmarks.online`): TTFT and inter-token
            latency p50/p99, throughput, and the first rate whose p99 TTFT exceeds 1 s. No PEFT or transformers
            server exists, so its reference is the engine's offline throughput on the same requests.
@@ -33,6 +35,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default: 64 mixed, "
                    "32 scaling and online)")
     p.add_argument("--counts", default="1,16,256,4096", help="registered prefix counts for the scaling workload")
+    p.add_argument("--num-prompts", type=int, default=128, help="scaling: requests per configuration "
+                   "(default: 128)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="scaling: KV-cache blocks of every engine (default: "
+                   "sized from memory); with fewer blocks than distinct prefixes in use, prefixes are evicted and "
+                   "read again")
     p.add_argument("--skip-baselines", action="store_true", help="mixed: run ours only")
     p.add_argument("--repeat", type=int, default=1, help="mixed and scaling: rounds of every setup, interleaved; "
                    "each setup reports its best round (default: 1)")
@@ -167,7 +174,7 @@ def _paired_scaling(task: dict) -> dict:
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"], skip_tokenizer_init=True)
+    llm = LLM(model=task["model"], skip_tokenizer_init=True, num_kv_blocks=task.get("kv_blocks"))
     names = llm.engine.register_prefix_dir(task["prefix_root"])
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
     rng = random.Random(task["seed"])
@@ -190,7 +197,7 @@ def _ours_scaling(task: dict) -> dict:
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"], skip_tokenizer_init=True)
+    llm = LLM(model=task["model"], skip_tokenizer_init=True, num_kv_blocks=task.get("kv_blocks"))
     engine = llm.engine
     with Timer() as reg:
         names = engine.register_prefix_dir(task["prefix_root"])
@@ -212,15 +219,17 @@ def _ours_scaling(task: dict) -> dict:
                 if out.finished:
                     tokens += len(out.outputs[0].token_ids)
             max_prefix_blocks = max(max_prefix_blocks, engine.block_manager.prefix_blocks())
-    loads = sorted(engine.stats.prefix_load_seconds)
+    loads, waits = sorted(engine.stats.prefix_load_seconds), sorted(engine.stats.prefix_wait_seconds)
 
-    def pct(q):
-        return loads[min(len(loads) - 1, int(q * len(loads)))] * 1000 if loads else 0.0
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else 0.0
 
     return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(), "registered": len(names),
             "register_seconds": reg.seconds, "distinct_used": len(set(chosen)),
             "max_prefix_blocks": max_prefix_blocks, "prefix_loads": engine.stats.prefix_loads,
-            "load_p50_ms": pct(0.5), "load_p99_ms": pct(0.99)}
+            "kv_blocks": engine.block_manager.num_blocks, "prefix_evictions": engine.block_manager.num_evictions,
+            "load_p50_ms": pct(loads, 0.5), "load_p99_ms": pct(loads, 0.99), "waits": len(waits),
+            "wait_p50_ms": pct(waits, 0.5), "wait_p99_ms": pct(waits, 0.99)}
 
 
 # ---- parent -----------------------------------------------------------------------------------------------------
@@ -297,7 +306,7 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
 def run_scaling(args, spec, path, tmp: Path) -> dict:
     max_tokens = args.max_tokens or 32
     counts = sorted(int(c) for c in args.counts.split(","))
-    prompts = random_prompts(128, 20, 60, spec.vocab_size, seed=1)
+    prompts = random_prompts(args.num_prompts, 20, 60, spec.vocab_size, seed=1)
     root = tmp / "scaling"
     for i in range(counts[-1]):
         write_random_prefix(root / "all" / f"t{i:05d}", spec, 16, seed=1000 + i, model_name=path)
@@ -313,25 +322,28 @@ def run_scaling(args, spec, path, tmp: Path) -> dict:
         for count, dist in configs:
             task = {"kind": "scaling_ours", "model": path, "prefix_root": str(root / f"{count}"),
                     "prompts": prompts, "max_tokens": max_tokens, "distribution": dist, "seed": 7,
-                    "threads": args.threads}
+                    "threads": args.threads, "kv_blocks": args.kv_blocks}
             r = run_in_child("benchmarks.bench", task)
             runs[f"{count}-{dist}"].append(r)
             print(f"  round {round_ + 1}, {count} prefixes {dist}: {_tok_s(r):.1f} tok/s", flush=True)
     results = _best_rounds(runs)
     best = _rounds_label(args.repeat)
-    print(f"\nWorkload 2, prefix-count scaling: 128 requests, {max_tokens} new tokens, P=16{best}")
+    kv = results[f"{configs[0][0]}-{configs[0][1]}"]["kv_blocks"]
+    print(f"\nWorkload 2, prefix-count scaling: {args.num_prompts} requests, {max_tokens} new tokens, P=16, "
+          f"{kv} KV blocks{best}")
     print(f"{'registered':>10}{'dist':>8}{'used':>6}{'tok/s':>8}{'vs 1':>7}{'RSS MB':>8}{'prefix blocks':>14}"
-          f"{'loads':>7}{'load p50 ms':>12}{'p99 ms':>8}{'register s':>11}")
+          f"{'loads':>7}{'evicted':>8}{'load p50 ms':>12}{'p99 ms':>8}{'wait p99 ms':>12}{'register s':>11}")
     base = _tok_s(results[f"{configs[0][0]}-{configs[0][1]}"])
     for count, dist in configs:
         r = results[f"{count}-{dist}"]
         print(f"{count:>10}{dist:>8}{r['distinct_used']:>6}{_tok_s(r):>8.1f}{_tok_s(r) / base:>6.2f}x"
-              f"{r['peak_rss_mb']:>8.0f}{r['max_prefix_blocks']:>14}{r['prefix_loads']:>7}"
-              f"{r['load_p50_ms']:>12.2f}{r['load_p99_ms']:>8.2f}{r['register_seconds']:>11.2f}")
+              f"{r['peak_rss_mb']:>8.0f}{r['max_prefix_blocks']:>14}{r['prefix_loads']:>7}{r['prefix_evictions']:>8}"
+              f"{r['load_p50_ms']:>12.2f}{r['load_p99_ms']:>8.2f}{r['wait_p99_ms']:>12.1f}"
+              f"{r['register_seconds']:>11.2f}")
     # Separate processes run minutes apart, and this machine's speed drifts more than the effect measured. So
     # the same comparison once more inside one process, the two layouts alternating run by run.
     task = {"kind": "scaling_paired", "model": path, "prefix_root": str(root / f"{counts[-1]}"), "prompts": prompts,
-            "max_tokens": max_tokens, "seed": 7, "pairs": 3, "threads": args.threads}
+            "max_tokens": max_tokens, "seed": 7, "pairs": 3, "threads": args.threads, "kv_blocks": args.kv_blocks}
     paired = run_in_child("benchmarks.bench", task)
     one, spread = (sum(paired["rates"][k]) / len(paired["rates"][k]) for k in ("one", "spread"))
     print(f"\nPaired in one process, {len(paired['rates']['one'])} alternating runs each: all on one prefix "

@@ -31,8 +31,8 @@ from engine.outputs import RequestOutput
 from engine.prefix_lifecycle import PrefixLifecycle
 from engine.prefix_registry import PrefixRegistry
 from engine.sampling_params import SamplingParams
-from engine.step_messages import (PrefixLoad, SamplingSettings, ScheduledSequence, SequenceState, StepMessage,
-                                  StepResult, fork_children)
+from engine.step_messages import (PrefixFetch, PrefixLoad, SamplingSettings, ScheduledSequence, SequenceState,
+                                  StepMessage, StepResult, fork_children)
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request, Sequence, SequenceStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -41,6 +41,10 @@ from workers.parallel import check_split
 from workers.worker import WorkerConfig
 
 logger = logging.getLogger("prefix_serve.engine")
+# How long a step with nothing to run but prefix reads in flight waits in the workers for them to finish. The wait
+# ends as soon as they are done, so this bounds how late the engine notices new requests (and admits the requests
+# of reads that finished early) while a slow read runs.
+PREFETCH_POLL_S = 0.1
 
 
 @dataclass
@@ -55,6 +59,9 @@ class EngineStats:
     prefix_misses: int = 0
     prefix_loads: int = 0
     prefix_load_seconds: list[float] = field(default_factory=list)  # drained by the exporter
+    # per request on a prefix, at its first admission: seconds from arrival until its prefix was resident or
+    # staged (0 when it already was); drained by the exporter
+    prefix_wait_seconds: list[float] = field(default_factory=list)
     steps: int = 0
     decode_run_steps: int = 0  # forwards that ran inside decode runs (steps counts each run once)
     # async scheduling: steps collected after the next one was submitted, and steps that had to be collected
@@ -116,6 +123,7 @@ class EngineCore:
         self._stream: set[str] = set()  # requests that want text after every step
         self._in_flight: deque[_InFlight] = deque()  # steps submitted and not collected, oldest first
         self._max_in_flight = 1 if config.async_scheduling else 0  # left in flight when step() returns
+        self._outputs_between_steps: list[RequestOutput] = []  # failed reads reported to a message between steps
         # step() reports every request that changed; offline callers that only read finished outputs turn
         # this off and skip building an output per running request per step
         self.emit_unfinished = True
@@ -153,11 +161,16 @@ class EngineCore:
     def _send_forgotten(self) -> None:
         """Tell the workers now, not with the next step, to drop the host copies of retired registrations: an
         idle server may not step again for a long time."""
-        forget = self.prefixes.take_forgotten()
-        if forget and self._in_flight:  # async scheduling: after the steps in flight, read by the next step()s
-            self._submit(StepMessage(forget_prefixes=forget), SchedulerOutput())
-        elif forget:
-            self.executor.execute(StepMessage(forget_prefixes=forget))
+        forget, unstage = self.prefixes.take_forgotten(), self.scheduler.take_unstaged()
+        if not (forget or unstage):
+            return
+        message = StepMessage(forget_prefixes=forget, unstage=unstage)
+        if self._in_flight:  # async scheduling: after the steps in flight; a later step() reads its result
+            self._submit(message, SchedulerOutput())
+        else:
+            # the answer reports the reads that finished meanwhile, as a step's does; the next step returns the
+            # outputs of requests whose read failed
+            self._outputs_between_steps += self._prefixes_fetched(self.executor.execute(message))
 
     def prefix_names(self) -> list[str]:
         return self.registry.names()
@@ -216,6 +229,8 @@ class EngineCore:
         for seq in request.sequences:
             self.scheduler.finish(seq, "abort")
         self._forget(request)
+        if not self.requests:  # an idle engine may not step again soon: drop a read no one waits for now
+            self._send_forgotten()
 
     def _forget(self, request: Request) -> None:
         """A finished or aborted request leaves the engine: counted, and its prefix released."""
@@ -227,8 +242,9 @@ class EngineCore:
             self.prefixes.release(request.prefix)
 
     def has_unfinished_requests(self) -> bool:
-        """Requests to serve, or a step in flight to collect (async scheduling), so the loop steps on."""
-        return bool(self.requests or self._in_flight)
+        """Requests to serve, a step in flight to collect (async scheduling), or the outputs of requests that failed
+        between steps, which the next step returns: the loop steps on."""
+        return bool(self.requests or self._in_flight or self._outputs_between_steps)
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -241,19 +257,24 @@ class EngineCore:
         """One iteration: schedule -> execute -> update. Returns outputs of requests that changed.
 
         Execute is submit, then collect: one step at a time, each step is collected at once. With async
-        scheduling one step stays in flight, and a step() collects the step before the one it submitted."""
+        scheduling one step stays in flight, and a step() collects the step before the one it submitted. When
+        nothing can run but prefix reads (and no step is in flight), it waits in the workers for the reads."""
+        outputs, self._outputs_between_steps = self._outputs_between_steps, []
         submitted = False
         if self._in_flight and not self._in_flight[-1].overlaps:
             self.stats.sync_fallbacks += 1  # what may be scheduled next depends on the step in flight
         else:
             scheduled = self.scheduler.schedule()
+            if not scheduled.scheduled and not self._in_flight and self.scheduler.num_fetching:
+                outputs += self._wait_for_prefixes(scheduled)  # only prefix reads to wait for
+                scheduled = self.scheduler.schedule()
             message = self._step_message(scheduled)
             if message is not None:
                 self._submit(message, scheduled)
                 submitted = True
         if len(self._in_flight) > self._max_in_flight or (self._in_flight and not submitted):
-            return self._collect()
-        return []
+            outputs += self._collect()
+        return outputs
 
     def _submit(self, message: StepMessage, out: SchedulerOutput) -> None:
         """Send a step and do its bookkeeping now, as if it had run: computed counts advance, and the tokens it
@@ -272,17 +293,18 @@ class EngineCore:
         self._in_flight.append(_InFlight(out, num_sampled, overlaps))
 
     def _collect(self) -> list[RequestOutput]:
-        """Read the oldest step's result: its tokens, stop checks and outputs."""
+        """Read the oldest step's result: the prefix reads it reports, its tokens, stop checks and outputs."""
         step = self._in_flight.popleft()
         result = self.executor.collect()
         out = step.out
         for item, num_sampled in zip(out.scheduled, step.num_sampled):
             item.seq.num_pending -= num_sampled
-        if not out.scheduled:  # only sequences or prefixes to forget
-            return []
+        outputs = self._prefixes_fetched(result)
+        if not out.scheduled:  # only sequences or prefixes to forget, or reads to start
+            return outputs
         self.stats.overlapped_steps += bool(self._in_flight)
-        failed = self._fail_prefix_loads(out, result.failed_loads) if result.failed_loads else []
-        return failed + self._update(out, result)
+        outputs += self._fail_prefix_loads(out, result.failed_loads) if result.failed_loads else []
+        return outputs + self._update(out, result)
 
     def collect_in_flight(self) -> list[RequestOutput]:
         """Read the steps in flight (async scheduling) without scheduling another, so that no worker runs after."""
@@ -291,10 +313,39 @@ class EngineCore:
             outputs += self._collect()
         return outputs
 
+    def _wait_for_prefixes(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Nothing can run until a prefix read finishes: send what this schedule produced and wait in the
+        workers, briefly, for the reads to finish (no busy polling)."""
+        message = self._step_message(out) or StepMessage()
+        message.wait_s = PREFETCH_POLL_S
+        return self._prefixes_fetched(self.executor.execute(message))
+
+    def _prefixes_fetched(self, result: StepResult) -> list[RequestOutput]:
+        """Reads reported done make their requests admissible; a failed read fails the requests waiting for it."""
+        if not (result.fetched or result.failed_fetches):
+            return []
+        doomed = self.scheduler.prefixes_fetched(result.fetched, result.failed_fetches)
+        now = time.monotonic()
+        outputs = []
+        for request in {seq.request.request_id: seq.request for seq in doomed}.values():
+            if request.request_id in self.requests:
+                outputs.append(self._fail_request(request, result.failed_fetches[request.prefix], now))
+        return outputs
+
+    def _fail_request(self, request: Request, reason: str, now: float) -> RequestOutput:
+        """Finish a request whose prefix could not be read, with the error its client sees."""
+        path = self.prefixes.path(request.prefix)  # read first: the request's end may retire the key
+        logger.error("prefix %s (%s) could not be read: %s", request.prefix, path, reason)
+        for seq in request.sequences:
+            self.scheduler.finish(seq, "error")
+        output = self._output(request, now)
+        output.error = f"The prefix {request.prefix_name!r} could not be loaded from {path}: {reason}"
+        return output
+
     def _step_message(self, out: SchedulerOutput) -> StepMessage | None:
         """What the workers need for this step: only what changed (None when nothing did)."""
         forget = self.prefixes.take_forgotten()
-        if not (out.scheduled or out.dropped_seq_ids or forget):
+        if not (out.scheduled or out.dropped_seq_ids or forget or out.prefetch or out.unstage):
             return None
         tables = self.block_manager.tables
         seqs = []
@@ -312,8 +363,9 @@ class EngineCore:
                 entry.num_steps = item.num_steps  # leaves the run after its first num_steps forwards
             seqs.append(entry)
         loads = [PrefixLoad(e.name, self.prefixes.path(e.name), e.block_ids, e.num_tokens) for e in out.prefix_loads]
+        fetches = [PrefixFetch(key, self.prefixes.path(key), num_tokens) for key, num_tokens in out.prefetch]
         return StepMessage(seqs, out.dropped_seq_ids, loads, [[c.src, c.dst] for c in out.copies], out.num_steps,
-                           forget)
+                           forget, fetches, out.unstage)
 
     def _fail_prefix_loads(self, out: SchedulerOutput, failed: dict[str, str]) -> list[RequestOutput]:
         """Fail the requests whose prefix the worker could not materialize (it left their sequences out), and
@@ -321,16 +373,10 @@ class EngineCore:
         now = time.monotonic()
         outputs = []
         for key, reason in failed.items():
-            path = self.prefixes.path(key)  # read first: the last request's end may retire the key
-            logger.error("prefix %s (%s) could not be materialized: %s", key, path, reason)
             for item in out.scheduled:
                 request = item.seq.request
                 if item.is_new and request.prefix == key and request.request_id in self.requests:
-                    for seq in request.sequences:
-                        self.scheduler.finish(seq, "error")
-                    output = self._output(request, now)
-                    output.error = f"The prefix {request.prefix_name!r} could not be loaded from {path}: {reason}"
-                    outputs.append(output)
+                    outputs.append(self._fail_request(request, reason, now))
             self.block_manager.evict_prefix(key)  # no sequence holds it any more
         return outputs
 
@@ -343,7 +389,12 @@ class EngineCore:
         stats.preemptions += out.num_preempted
         stats.prefix_loads += len(out.prefix_loads)
         stats.prefix_load_seconds.extend(result.load_seconds)
-        admitted_on_prefix = sum(item.is_new and item.seq.request.prefix is not None for item in out.scheduled)
+        admitted_on_prefix = 0
+        for item in out.scheduled:
+            if item.is_new and item.seq.request.prefix is not None:
+                admitted_on_prefix += 1
+                if item.seq.request.prefix_wait is None:
+                    self._record_prefix_wait(item.seq)
         # an admission that had to materialize its prefix is a miss; every other one found it resident
         stats.prefix_misses += len(out.prefix_loads)
         stats.prefix_hits += admitted_on_prefix - len(out.prefix_loads)
@@ -372,6 +423,15 @@ class EngineCore:
             if self.emit_unfinished or (stopped and request.finished) or request.request_id in self._stream:
                 changed[request.request_id] = request
         return [self._output(r, now) for r in changed.values()]
+
+    def _record_prefix_wait(self, seq: Sequence) -> None:
+        """A request's first admission: how long it waited for its prefix (failed requests are not counted)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        request = seq.request
+        ready = request.prefix_ready_time if request.prefix_ready_time is not None else request.arrival_time
+        request.prefix_wait = max(0.0, ready - request.arrival_time)
+        self.stats.prefix_wait_seconds.append(request.prefix_wait)
 
     def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         children = []

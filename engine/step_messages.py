@@ -4,13 +4,22 @@ One `StepMessage` goes to every worker (every tensor-parallel rank gets the same
 what changed. The worker answers with a `StepResult` (only the rank that samples has tokens to report) and, once
 at start-up, describes itself with a `WorkerInfo`.
 
-Order inside a step: forget prefixes and sequences, materialize `prefix_loads`, make the copy-on-write `copies`,
-then run the forward(s) over `seqs`, in batch order. `num_steps` > 1 is a decode run of that many forwards,
+Order inside a step: forget prefixes and sequences, drop the `unstage`d reads, start the `prefetch` reads (in
+the background), materialize `prefix_loads`, make the copy-on-write `copies`, then run the forward(s) over
+`seqs`, in batch order; last, when nothing ran and `wait_s` is set, wait up to that long for the reads to finish,
+and report the reads that finished since the last step (`fetched`, `failed_fetches`). `num_steps` > 1 is a decode run of that many forwards,
 each sequence taking part in the first `num_steps` of them given in its entry (all of them when None).
 
 A prefix that could not be materialized (its file unreadable or replaced by now) is named in
 `StepResult.failed_loads`: the new sequences that start on it are left out of the step (not remembered, not
 run), and the engine fails their requests. Everything else in the step runs as usual.
+
+Prefetch: a prefix on neither the device nor the worker's host tier is read from disk off the step path. The
+engine names it in `prefetch`; each worker reads its own slice in a background thread into a staging area and
+holds it there (whatever the host tier's budget) until a `prefix_loads` entry materializes it or `unstage` /
+`forget_prefixes` drops it. The engine admits the requests on that prefix only after rank 0 reported it in
+`fetched`; a rank whose own read is still running when the load arrives waits for it. A failed read is named in
+`failed_fetches` and its requests fail; the engine unstages it, so the next request that names it reads again.
 
 A contract module: it imports nothing else of the project but the codec and the sampling parameters.
 """
@@ -22,7 +31,7 @@ from dataclasses import dataclass, field
 from engine import wire
 from engine.sampling_params import SamplingParams
 
-VERSION = 6
+VERSION = 7
 
 
 class _Message:
@@ -97,13 +106,25 @@ class PrefixLoad:
 
 
 @dataclass(slots=True)
+class PrefixFetch:
+    """Start reading a prefix's KV from its adapter into the worker's staging area, in the background."""
+
+    key: str
+    path: str
+    num_tokens: int
+
+
+@dataclass(slots=True)
 class StepMessage(_Message):
     seqs: list[ScheduledSequence] = field(default_factory=list)
     drop: list[int] = field(default_factory=list)  # finished, aborted or preempted sequences: forget them
     prefix_loads: list[PrefixLoad] = field(default_factory=list)
     copies: list[list[int]] = field(default_factory=list)  # [src_block, dst_block], after the loads
     num_steps: int = 1
-    forget_prefixes: list[str] = field(default_factory=list)  # unloaded or replaced: drop any host copy
+    forget_prefixes: list[str] = field(default_factory=list)  # unloaded or replaced: drop any host or staged copy
+    prefetch: list[PrefixFetch] = field(default_factory=list)
+    unstage: list[str] = field(default_factory=list)  # no request waits for these reads any more: drop them
+    wait_s: float = 0.0  # nothing to run: wait up to this long for the prefetches to finish (no busy polling)
 
 
 @dataclass(slots=True)
@@ -113,6 +134,10 @@ class StepResult(_Message):
     sampled: list[list] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
     failed_loads: dict[str, str] = field(default_factory=dict)  # prefix key -> why it could not be materialized
+    # prefetches staged since the last step, ready to load -> seconds since the read finished (the time a request
+    # waited for its prefix ends then, not when the step that saw it ends)
+    fetched: dict[str, float] = field(default_factory=dict)
+    failed_fetches: dict[str, str] = field(default_factory=dict)  # prefetches whose read failed -> why
 
 
 @dataclass(slots=True)

@@ -38,6 +38,8 @@ class Request:
     prefix_name: str | None = None  # the user's name; `prefix` is the cache key of its registration
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    prefix_ready_time: float | None = None  # when its prefix was staged for it, if it had to wait for a read
+    prefix_wait: float | None = None  # seconds from arrival to its prefix being ready, set at first admission
     sequences: list["Sequence"] = field(default_factory=list)
 
     @property

@@ -8,6 +8,13 @@ its prefix already computed, so admitting it costs no prefill for the prefix.
 When the running sequences need more blocks than exist, the newest one is preempted: its blocks are freed and
 it is recomputed later from its tokens, which gives the same greedy output.
 
+Prefetch: a waiting sequence whose prefix is not resident is admitted only once the workers hold the prefix's KV
+staged in host memory. Until then it is passed over, and the sequences behind it are considered, so a slow read
+blocks only the requests on that prefix. The first such sequence asks the workers to read the prefix
+(`SchedulerOutput.prefetch`); `prefixes_fetched` reports the reads done. Past `max_num_seqs` passed-over
+sequences a step stops looking, which bounds the reads one step starts. A staged read is held for the waiting
+sequences that need it: until one of them is admitted (it is materialized) or all of them have left (unstaged).
+
 Decode runs: when a step is pure decode (greedy or unseeded sampling) and nothing waiting could be admitted
 anyway, the step is stretched to up to `decode_steps` forwards. The worker runs them back to back, each fed the
 previous one's sampled tokens on the device, and reports the tokens together. This spreads the host's per-step
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from time import monotonic
 
 from scheduler.block_manager import BlockManager, CopyOnWrite, PrefixEntry
 from scheduler.request import Sequence, SequenceStatus
@@ -57,6 +65,17 @@ class SchedulerOutput:
     dropped_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted since last step
     num_preempted: int = 0
     num_steps: int = 1  # > 1: a decode run of this many forwards; each sequence advances item.num_steps tokens
+    prefetch: list[tuple[str, int]] = field(default_factory=list)  # (prefix key, tokens): start reading these
+    unstage: list[str] = field(default_factory=list)  # prefix reads no waiting sequence needs any more
+
+
+@dataclass
+class PrefixFetch:
+    """A prefix the workers are reading (or hold staged), and the waiting sequences seen needing it: the read is
+    dropped when all of them leave without being admitted, and fails them when it fails."""
+
+    waiters: set[Sequence] = field(default_factory=set)
+    ready_at: float | None = None  # when the workers reported it staged (monotonic seconds)
 
 
 class Scheduler:
@@ -68,6 +87,8 @@ class Scheduler:
         self._dropped: list[int] = []
         self._holds_prefix: set[int] = set()
         self.num_preemptions = 0
+        self._fetches: dict[str, PrefixFetch] = {}  # prefix key -> its read, from prefetch until materialized
+        self._unstage: list[str] = []
 
     # ---- queue ----------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -91,6 +112,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+            self._stop_waiting_for_prefix(seq)
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -126,22 +148,89 @@ class Scheduler:
                 out.scheduled.append(self._advance(seq, num_new, is_new=False, out=out))
                 budget -= num_new
                 index += 1
-        while (self.waiting and budget > 0 and not out.num_preempted
+        index = passed_over = 0
+        while (index < len(self.waiting) and budget > 0 and not out.num_preempted
                and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[index]
             if seq.num_pending:  # preempted with a token in flight: the host must know its tokens to recompute it
                 break
+            if not self._prefix_ready(seq, out):  # its prefix is still being read: look at the ones behind it
+                index += 1
+                passed_over += 1
+                if passed_over >= self.config.max_num_seqs:
+                    break
+                continue
             num_new = min(seq.num_uncomputed, budget)
             if self._admission_cost(seq, num_new) > bm.num_available_blocks(keep_prefix=seq.request.prefix):
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             self._admit(seq, out)
             out.scheduled.append(self._advance(seq, num_new, is_new=True, out=out))
             budget -= num_new
         if self.config.decode_steps > 1:
             self._stretch_decode(out)
         out.dropped_seq_ids, self._dropped = self._dropped, []
+        out.unstage, self._unstage = self._unstage, []
         return out
+
+    # ---- prefix reads ---------------------------------------------------------------------------------------
+    def _prefix_ready(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Whether the sequence's prefix is resident or staged in the workers; if neither, its read is started
+        (once) and the sequence waits for it."""
+        key = seq.request.prefix
+        if key is None or self.block_manager.is_resident(key):
+            return True
+        fetch = self._fetches.get(key)
+        if fetch is None:
+            fetch = self._fetches[key] = PrefixFetch()
+            out.prefetch.append((key, seq.num_prefix_tokens))
+        fetch.waiters.add(seq)
+        if fetch.ready_at is None:
+            return False
+        request = seq.request
+        if request.prefix_ready_time is None:  # it arrived while the read ran, or after it
+            request.prefix_ready_time = max(request.arrival_time, fetch.ready_at)
+        return True
+
+    def prefixes_fetched(self, ready: dict[str, float], failed: dict[str, str]) -> list[Sequence]:
+        """The workers' report of finished reads (ready key -> seconds since its read finished). Ready prefixes
+        become admissible; returns the waiting sequences of the failed ones, which the caller fails (their reads
+        are dropped, so a later request reads again)."""
+        now = monotonic()
+        for key, age in ready.items():
+            fetch = self._fetches.get(key)
+            if fetch is not None and fetch.ready_at is None:  # None: unstaged meanwhile
+                fetch.ready_at = now - age
+                for seq in fetch.waiters:
+                    if seq.request.prefix_ready_time is None:
+                        seq.request.prefix_ready_time = max(seq.request.arrival_time, fetch.ready_at)
+        doomed = []
+        for key in failed:
+            fetch = self._fetches.pop(key, None)
+            if fetch is not None:
+                doomed.extend(fetch.waiters)
+                self._unstage.append(key)
+        return doomed
+
+    def _stop_waiting_for_prefix(self, seq: Sequence) -> None:
+        """A waiting sequence left (aborted or failed): a read that no one waits for any more is dropped."""
+        fetch = self._fetches.get(seq.request.prefix) if seq.request.prefix is not None else None
+        if fetch is None or seq not in fetch.waiters:
+            return
+        fetch.waiters.discard(seq)
+        if not fetch.waiters:
+            del self._fetches[seq.request.prefix]
+            self._unstage.append(seq.request.prefix)
+
+    @property
+    def num_fetching(self) -> int:
+        """Prefix reads in flight (requested, not yet reported)."""
+        return sum(fetch.ready_at is None for fetch in self._fetches.values())
+
+    def take_unstaged(self) -> list[str]:
+        """The reads to drop, for a message sent outside a step (an abort on an idle engine)."""
+        unstage, self._unstage = self._unstage, []
+        return unstage
 
     def _stretch_decode(self, out: SchedulerOutput) -> None:
         """Turn a pure decode step into a run of up to `decode_steps` tokens per sequence (see above)."""
@@ -205,9 +294,14 @@ class Scheduler:
             self._holds_prefix.add(seq.seq_id)
             if is_new:
                 out.prefix_loads.append(entry)
+                self._materialized(seq.request.prefix)
         self.block_manager.allocate(seq.seq_id, entry)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+
+    def _materialized(self, key: str) -> None:
+        """The workers take the staged read into KV blocks this step; its other waiters now find it resident."""
+        self._fetches.pop(key, None)
 
     def _advance(self, seq: Sequence, num_new: int, is_new: bool, out: SchedulerOutput) -> ScheduledSeq:
         result = self.block_manager.append_slots(seq.seq_id, seq.num_computed_tokens, num_new)

@@ -39,6 +39,20 @@ def test_scaling_workload_reports_every_configuration_and_the_paired_run(tiny_zo
     assert results["5-uniform"]["prefix_loads"] == results["5-uniform"]["max_prefix_blocks"] == 5
     assert len(results["paired"]["rates"]["one"]) == len(results["paired"]["rates"]["spread"]) == 3
     assert results["paired"]["ratio"] > 0
+    assert results["5-uniform"]["waits"] == 128 and results["5-uniform"]["wait_p99_ms"] >= 0
+
+
+def test_scaling_workload_with_a_kv_cache_too_small_for_the_prefixes_in_use_evicts_and_reads_them_again(
+        tiny_zoo, tmp_path, capsys):
+    # 24 requests over 20 prefixes (P=16: one block each, and 16 tokens of the tiny model's block of 16) and a
+    # cache of 12 blocks: the distinct prefixes in use do not fit at once
+    results = _run(tmp_path, "--workload", "scaling", "--model", str(tiny_zoo("llama")["model"]),
+                   "--counts", "1,20", "--num-prompts", "24", "--kv-blocks", "12")["scaling"]
+    spread = results["20-uniform"]
+    assert spread["kv_blocks"] == 12 and spread["distinct_used"] > 12
+    assert spread["prefix_evictions"] > 0 and spread["prefix_loads"] > spread["distinct_used"] - 1
+    assert spread["tokens"] == 24 * 2 and spread["waits"] == 24
+    assert "wait p99 ms" in capsys.readouterr().out
 
 
 def test_repeat_below_one_is_refused_with_a_clear_message(tmp_path):

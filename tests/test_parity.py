@@ -111,9 +111,10 @@ def test_sequences_leave_a_decode_run_at_their_own_max_tokens(tiny_zoo):
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
-    # one prefill step (first tokens), one run of 8 forwards that rows leave after 2, 8, 4, 7 and 1 of them,
-    # and one forward for the last token of the 10-token request
-    assert llm.engine.stats.steps == 3 and llm.engine.stats.decode_run_steps == 8
+    # the bare prompt's prefill while the prefixes are read (prefetch: it does not wait behind them), the prefixed
+    # prompts' prefill (first tokens), one run of 8 forwards that rows leave after 2, 8, 3, 7 and 1 of them, and
+    # one forward for the last token of the 10-token request
+    assert llm.engine.stats.steps == 4 and llm.engine.stats.decode_run_steps == 8
     llm.check_integrity()
     assert llm.engine.block_manager.num_used_blocks == 0
 

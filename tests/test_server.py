@@ -467,6 +467,9 @@ def test_metrics_counters_move_by_exactly_the_workload(server):
     assert delta("prefix_serve_inter_token_latency_seconds_count") == 5 + 5 + 5 + 2 + 11
     assert delta("prefix_serve_http_requests_total", route="/v1/completions", status="200") == 5
     assert delta("prefix_serve_prefix_load_seconds_count") == delta("prefix_serve_prefix_loads_total")
+    # one wait per request on a prefix, observed at its admission
+    assert delta("prefix_serve_prefix_wait_seconds_count") == delta("prefix_serve_prefix_cache_hits_total") + delta(
+        "prefix_serve_prefix_cache_misses_total")
     assert delta("prefix_serve_engine_step_seconds_count") == delta("prefix_serve_engine_steps_total") > 0
     assert after[("prefix_serve_num_requests_running", ())] == 0
     assert after[("prefix_serve_kv_cache_usage_ratio", ())] == 0

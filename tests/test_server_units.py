@@ -320,7 +320,9 @@ def test_engine_loop_sends_only_new_tokens_and_an_abort_frees_blocks_at_once(eng
             for index, new_ids, *_ in samples:
                 assert index == 0 and len(new_ids) == 1  # one new token per step, never the whole output
                 tokens[request_id].extend(new_ids)
-    assert len(tokens["a"]) == len(tokens["b"]) == 3
+    # "b" runs from the first step; "a" joins once its prefix's background read is reported (after step 1 on all
+    # but a very slow machine), so it does not hold "b" back
+    assert len(tokens["b"]) == 3 and 1 <= len(tokens["a"]) <= 2
 
     conn.put({"op": "abort", "ids": ["b"]})
     conn.put({"op": "call", "call_id": 1, "method": "debug_state", "args": {}})

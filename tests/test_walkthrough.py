@@ -107,10 +107,12 @@ def test_every_latency_histogram_resolves_a_30_second_latency():
     from engine.serving.metrics import ServerMetrics
 
     metrics = ServerMetrics()
-    for histogram in (metrics.ttft, metrics.itl, metrics.e2e, metrics.prefix_load, metrics.engine_step):
+    for histogram in (metrics.ttft, metrics.itl, metrics.e2e, metrics.prefix_load, metrics.prefix_wait,
+                      metrics.engine_step):
         histogram.observe(30.0)
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
-    names = ["time_to_first_token", "inter_token_latency", "e2e_request_latency", "prefix_load", "engine_step"]
+    names = ["time_to_first_token", "inter_token_latency", "e2e_request_latency", "prefix_load", "prefix_wait",
+             "engine_step"]
     for name in (f"prefix_serve_{n}_seconds" for n in names):
         finite = [s for s in families[name].samples if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"]
         top = max(finite, key=lambda s: float(s.labels["le"]))

@@ -62,13 +62,23 @@ class HostPrefixCache:
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def get(self, key: str, load) -> torch.Tensor:
+        value = self.lookup(key)
+        return value if value is not None else self.put(key, load())
+
+    def lookup(self, key: str) -> torch.Tensor | None:
+        """The kept copy (now the most recently used), or None."""
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        value = load()
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Keep a copy if the budget allows, evicting the least recently used; returns it (pinned with `pin`)."""
+        if key in self._entries:
+            return self.lookup(key)
         size = value.numel() * value.element_size()
         if size <= self.capacity_bytes:  # a prefix larger than the whole budget is not kept
-            if self.pin:
+            if self.pin and not value.is_pinned():
                 value = value.pin_memory()
             self._entries[key] = value
             self.nbytes += size
@@ -96,6 +106,7 @@ class KVCache:
             self.data = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self._copy_stream = None  # GPU only: the stream prefix writes run on (write_prefix), made on first use
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -109,11 +120,29 @@ class KVCache:
         return self.data.view(layers, 2, blocks * size, heads, dim)
 
     def write_prefix(self, kv: torch.Tensor, block_ids: list[int]) -> None:
-        """Write a prefix's KV ([L, 2, P, kv_heads, head_dim]) into its blocks, token i at block i // size."""
+        """Write a prefix's KV ([L, 2, P, kv_heads, head_dim]) into its blocks, token i at block i // size.
+
+        On a GPU the copy runs on a stream of its own: the host-to-device transfer (a DMA from page-locked
+        memory) overlaps whatever the compute stream still runs, and the compute stream waits for the write
+        before its next kernel, so the first forward that reads these blocks sees them."""
         slots = slot_of(torch.tensor(block_ids, dtype=torch.long), torch.arange(kv.shape[2]), self.block_size)
-        slots = slots.to(self.data.device)
-        # from page-locked memory the copy is queued on the stream, before the forwards that read the blocks
-        self._flat().index_copy_(2, slots, kv.to(self.data.device, self.data.dtype, non_blocking=kv.is_pinned()))
+        if self.data.device.type != "cuda":  # the CPU path: a plain copy, nothing to overlap
+            self._flat().index_copy_(2, slots.to(self.data.device), kv.to(self.data.device, self.data.dtype))
+            return
+        compute = torch.cuda.current_stream(self.data.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.data.device)
+        with torch.cuda.stream(self._copy_stream):
+            pinned = kv.is_pinned()
+            kv = kv.to(self.data.device, self.data.dtype, non_blocking=pinned)
+            slots = slots.to(self.data.device, non_blocking=False)
+            # These blocks were free, so a forward queued before (that still holds them) may not have run yet:
+            # the write into the cache waits for it; only the transfer above runs ahead.
+            self._copy_stream.wait_stream(compute)
+            self._flat().index_copy_(2, slots, kv)
+        compute.wait_stream(self._copy_stream)  # ordered before the first forward that reads the blocks
+        # kv and slots were allocated on the copy stream and are used only there, so freeing them is safe; the
+        # caching host allocator keeps the page-locked source until its transfer is done
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, keys and values) from src to dst."""

@@ -23,6 +23,7 @@ from workers.cuda_graphs import CudaGraphConfig
 from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, host_memory_bytes, read_prefix_kv, slot_of
 from workers.model_runner import ModelRunner, StepInputs, load_model
 from workers.parallel import ShardPlan, broadcast_from_first
+from workers.prefix_fetch import PrefixFetcher, describe_failure
 from workers.sampler import SampleRow, sample, sample_on_device
 
 
@@ -91,6 +92,7 @@ class Worker:
         if budget is None:
             budget = min(host_memory_bytes() // 4, 64 << 30)
         self.host_prefixes = HostPrefixCache(budget, pin=str(config.device).startswith("cuda"))
+        self.fetcher = PrefixFetcher(self._read_prefix, self.host_prefixes)
         self.seqs: dict[int, SequenceState] = {}  # what the engine sent, kept current as tokens are added
 
     def _eager_only(self, config: WorkerConfig) -> WorkerConfig:
@@ -124,16 +126,15 @@ class Worker:
     def execute(self, data: bytes) -> bytes:
         """Run one step (see `engine.step_messages` for what it holds and in which order it is done)."""
         msg = StepMessage.decode(data)
-        for key in msg.forget_prefixes:
-            self.host_prefixes.discard(key)
         for seq_id in msg.drop:
             self.seqs.pop(seq_id, None)
+        self._stage_prefixes(msg)
         result = StepResult()
         for load in msg.prefix_loads:
             try:
                 result.load_seconds.append(self._materialize_prefix(load))
             except Exception as exc:  # noqa: BLE001 - the requests on this prefix fail; the step goes on
-                result.failed_loads[load.key] = f"{type(exc).__name__}: {exc}"
+                result.failed_loads[load.key] = describe_failure(exc)
         if self.shard is not None and msg.prefix_loads:
             self._agree_on_failed_loads(msg.prefix_loads, result.failed_loads)
         self.kv_cache.copy_blocks(msg.copies)
@@ -145,22 +146,39 @@ class Worker:
             result.sampled = self._run_decode(scheduled, [entry.num_steps or msg.num_steps for entry in entries])
         elif scheduled:
             result.sampled = self._run(scheduled)
+        self._report_fetches(result, wait_s=0.0 if scheduled else msg.wait_s)
         return result.encode()
+
+    def _stage_prefixes(self, msg: StepMessage) -> None:
+        """Drop the host and staged copies the engine no longer wants, then start this step's prefix reads in the
+        background (unstage before prefetch: a key may be dropped and asked for again in one message)."""
+        for key in msg.forget_prefixes:
+            self.host_prefixes.discard(key)
+            self.fetcher.discard(key)
+        for key in msg.unstage:
+            self.fetcher.discard(key)
+        for fetch in msg.prefetch:
+            self.fetcher.prefetch(fetch.key, fetch.path, fetch.num_tokens)
+
+    def _report_fetches(self, result: StepResult, wait_s: float) -> None:
+        """Report the reads that finished. A step that ran nothing may first wait (up to `wait_s`) for them, so
+        an engine whose only work is a read in flight does not spin."""
+        if wait_s:
+            self.fetcher.wait(wait_s)
+        result.fetched, result.failed_fetches = self.fetcher.completed()
+
+    def _read_prefix(self, path: str, num_tokens: int) -> torch.Tensor:
+        """This rank's slice of a prefix's KV from its file (called in the fetcher's threads)."""
+        kv = read_prefix_kv(path, self.full_spec, self.kv_cache.data.dtype)
+        if kv.shape[2] != num_tokens:  # the file was replaced since it was registered
+            raise ValueError(f"its tensor holds {kv.shape[2]} virtual tokens, but it was registered with {num_tokens}")
+        if self.shard is not None:  # this rank's KV heads only
+            kv = kv[:, :, :, self.shard.kv_heads.start: self.shard.kv_heads.stop].contiguous()
+        return kv
 
     def _materialize_prefix(self, load: PrefixLoad) -> float:
         start = time.perf_counter()
-        dtype = self.kv_cache.data.dtype
-
-        def read() -> torch.Tensor:
-            kv = read_prefix_kv(load.path, self.full_spec, dtype)
-            if kv.shape[2] != load.num_tokens:  # the file was replaced since it was registered
-                raise ValueError(f"its tensor holds {kv.shape[2]} virtual tokens, but it was registered with "
-                                 f"{load.num_tokens}")
-            if self.shard is not None:  # this rank's KV heads only
-                kv = kv[:, :, :, self.shard.kv_heads.start: self.shard.kv_heads.stop].contiguous()
-            return kv
-
-        kv = self.host_prefixes.get(load.key, read)
+        kv = self.fetcher.take(load.key, load.path, load.num_tokens)
         self.kv_cache.write_prefix(kv, load.block_ids)
         return time.perf_counter() - start
 

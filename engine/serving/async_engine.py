@@ -236,6 +236,7 @@ class AsyncEngineClient:
         self.decode_tokenizer = decode_tokenizer  # used only by the reader thread
         self.info: dict = {}
         self.on_load_seconds = lambda seconds: None  # set by the metrics exporter
+        self.on_prefix_wait_seconds = lambda seconds: None
         self.on_step_seconds = lambda seconds: None
         self._process = None
         self._to_engine = None
@@ -391,7 +392,8 @@ class AsyncEngineClient:
                     continue
                 deliveries = self._updates(msg)
                 self._loop.call_soon_threadsafe(self._deliver, msg.get("replies", ()), deliveries,
-                                                msg.get("load_seconds", ()), msg.get("step_seconds"))
+                                                msg.get("load_seconds", ()), msg.get("step_seconds"),
+                                                msg.get("prefix_wait_seconds", ()))
         except (EOFError, OSError):
             pass
         except Exception as exc:  # noqa: BLE001 - a protocol error: treat the engine as gone
@@ -434,7 +436,7 @@ class AsyncEngineClient:
             text = final_text
         return SampleUpdate(index, token_ids, text, finish_reason, stop_reason)
 
-    def _deliver(self, replies, deliveries, load_seconds, step_seconds) -> None:
+    def _deliver(self, replies, deliveries, load_seconds, step_seconds, prefix_waits=()) -> None:
         for reply in replies:
             future = self._pending.pop(reply["call_id"] if "call_id" in reply else reply["id"], None)
             if future is not None and not future.done():
@@ -443,6 +445,8 @@ class AsyncEngineClient:
             sink.put_nowait(update)
         for seconds in load_seconds:
             self.on_load_seconds(seconds)
+        for seconds in prefix_waits:
+            self.on_prefix_wait_seconds(seconds)
         if step_seconds is not None:
             self.on_step_seconds(step_seconds)
 

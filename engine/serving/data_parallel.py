@@ -64,6 +64,7 @@ class EngineReplica:
         self._board = None
         self._histograms = {name: engine_histogram(name) for name in ENGINE_HISTOGRAMS}  # posted with the stats
         self.client.on_load_seconds = self._histograms["prefix_load_seconds"].observe
+        self.client.on_prefix_wait_seconds = self._histograms["prefix_wait_seconds"].observe
         self.client.on_step_seconds = self._histograms["engine_step_seconds"].observe
 
     def _attach(self) -> None:
@@ -184,7 +185,8 @@ class DataParallelClient:
         self.replica_cpus = replica_cpus
         self.routing = routing
         self.decode_tokenizer = None  # replicas decode; kept for the server's interface
-        self.on_load_seconds = lambda seconds: None
+        self.on_load_seconds = lambda seconds: None  # the replicas observe their histograms and post their totals
+        self.on_prefix_wait_seconds = lambda seconds: None
         self.on_step_seconds = lambda seconds: None
         self.info: dict = {}
         self.dead: str | None = None

@@ -25,6 +25,7 @@ Engine -> frontend:
    "outputs": [[request_id, finished, [[index, new_token_ids, finish_reason, stop_reason, final_text], ...]
                 (, error: {"status", "type", "message"} when the request failed after it was accepted)], ...],
    "load_seconds": [float, ...],           # prefix loads since the last batch (for the latency histogram)
+   "prefix_wait_seconds": [float, ...],    # admitted requests' waits for their prefix since the last batch
    "step_seconds": float | null}           # how long the step that produced these outputs took
 A sample appears in "outputs" only when it gained tokens or finished. `final_text` is null until the sample
 finishes; then it is the engine's text (stop strings already cut), and the frontend reconciles its own
@@ -193,10 +194,12 @@ class EngineLoop:
     def _flush(self, outputs: list | None = None, step_seconds: float | None = None) -> None:
         stats = self.engine.stats
         load_seconds, stats.prefix_load_seconds = stats.prefix_load_seconds, []
+        waits, stats.prefix_wait_seconds = stats.prefix_wait_seconds, []
         now = time.monotonic()
-        if self._replies or outputs or load_seconds or step_seconds is not None:
+        if self._replies or outputs or load_seconds or waits or step_seconds is not None:
             self._send(pack({"op": "batch", "replies": self._replies, "outputs": outputs or [],
-                             "load_seconds": load_seconds, "step_seconds": step_seconds}))
+                             "load_seconds": load_seconds, "prefix_wait_seconds": waits,
+                             "step_seconds": step_seconds}))
             self._replies = []
             self._last_sent = now
         elif now - self._last_sent >= HEARTBEAT_SECONDS:

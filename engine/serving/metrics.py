@@ -29,8 +29,12 @@ PREFIX_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 # engine process reports with each step; a data-parallel replica observes its own and posts their totals with its
 # stats (`histogram_totals`), and the frontend exposes each replica's with a `replica` label.
 ENGINE_HISTOGRAMS = {
-    "prefix_load_seconds": (("Time to materialize a prefix into KV blocks (read from host cache or disk, write "
-                             "into the cache)."), PREFIX_LOAD_BUCKETS),
+    "prefix_load_seconds": (("Time to materialize a prefix into KV blocks in the step (take its staged KV, write "
+                             "into the cache; the disk read runs before, in the background)."), PREFIX_LOAD_BUCKETS),
+    "prefix_wait_seconds": (("Time a request waited for its prefix: from its arrival at the engine until its "
+                             "prefix was on the device or its read into host memory finished (0 when it already "
+                             "was); one observation per request on a prefix, at its admission."),
+                            PREFIX_LOAD_BUCKETS),
     "engine_step_seconds": (("Duration of one engine step (schedule, model forward, update), measured in the "
                              "engine process."), STEP_BUCKETS),
 }
@@ -137,6 +141,7 @@ class ServerMetrics:
         self.e2e = Histogram("prefix_serve_e2e_request_latency_seconds", "Time from receiving a request to its "
                              "last token (finished requests only).", buckets=E2E_BUCKETS, registry=self.registry)
         self.prefix_load = self.engine.histograms["prefix_load_seconds"]
+        self.prefix_wait = self.engine.histograms["prefix_wait_seconds"]
         self.engine_step = self.engine.histograms["engine_step_seconds"]
         self.http_requests = Counter("prefix_serve_http_requests", "HTTP requests by route template and status "
                                      "code.", ["route", "status"], registry=self.registry)

@@ -153,6 +153,7 @@ class OpenAIServer:
         self.prefix_roots = [Path(root).resolve() for root in settings.prefix_roots]
         self.openapi: dict = {}  # built with the app, from the routes it registers
         client.on_load_seconds = metrics.prefix_load.observe
+        client.on_prefix_wait_seconds = metrics.prefix_wait.observe
         client.on_step_seconds = metrics.engine_step.observe
 
     def close(self) -> None:
