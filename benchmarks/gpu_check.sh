@@ -15,6 +15,8 @@
 #   4. ours      copy bandwidth, a warm-up of the whole workload, then 1,024 requests over
 #                256 prefixes (decode runs of up to 16 forwards, the CUDA default), step
 #                timings, a kernel profile                                                21 s
+#   -  ours_async  ours with async scheduling (step k+1 sent before step k is read), which decides
+#                whether it should be on by default on GPUs (never run yet)                ~20 s
 #   5. peft      PEFT generate, one prefix, batch 256                                      21 s
 #   6. cb        transformers generate_batch, 512 requests, no prefix                     35 s
 #   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  18 s
@@ -93,6 +95,8 @@ if wanted setup; then
     ${GPU_BENCH_LAYERS:+--num-layers "$GPU_BENCH_LAYERS"} && mkdir -p "$WORK" && echo "$LAYERS" > "$WORK/setup.done"
 fi
 run_part ours 150 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours.json" --max-num-seqs 256
+run_part ours_async 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours_async.json" \
+  --max-num-seqs 256 --async-scheduling --no-profile
 run_part peft 70 "$PY" -m benchmarks.gpu_bench peft --dir "$WORK" --out "$OUT/peft.json"
 CB_REQUESTS=512
 if [ $(( BUDGET - $(elapsed) )) -lt 150 ]; then CB_REQUESTS=256; fi

@@ -89,9 +89,13 @@ def test_gpu_bench_small_on_cpu_runs_ours_with_decode_runs_and_the_summary(tmp_p
     assert decode["engine_steps"] > 0 and 0 < decode["share_of_wall_time"] < 1
     assert decode["forwards"] > decode["engine_steps"] and 0 < decode["rows_per_forward"] <= 24
     assert ours["kernel_profile"]["top"] and ours["step_b256"]["eager_ms"] > 0
+    part("ours", "--small", "--device", "cpu", "--dir", str(work), "--out", str(out / "ours_async.json"),
+         "--decode-steps", "4", "--async-scheduling", "--no-profile")  # gpu_check.sh's ours_async part
+    overlapped = json.loads((out / "ours_async.json").read_text())
+    assert overlapped["async_scheduling"] and overlapped["run"]["tokens"] == run["tokens"]
     table = part("summary", "--results", str(out))
     assert "decode runs <= 4" in table and "kernels of one eager decode step" in table
-    assert "rows per forward" in table
+    assert "rows per forward" in table and "ours with async scheduling" in table
 
 
 def test_gpu_bench_bandwidths_and_the_roofline_rows_of_the_summary(tmp_path):
