@@ -7,32 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_server_support import API_KEY, ServerProcess, build_model, build_prefixes
+from test_server_support import API_KEY, ServerProcess, build_model, build_prefixes, descendants
 
 pytest.importorskip("ray.serve", reason="Ray Serve (ray[serve]) is not installed")
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`. Each thread lists the children it started (a Ray replica starts its engine
-    process from a thread other than its main one), so all of its threads are read."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread or the process ended meanwhile
-            continue
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 def _rank_processes(replica_pid: int) -> list[int]:
     """The rank processes under a replica: its engine process's children that multiprocessing spawned."""
     found = []
-    for pid in _descendants(replica_pid):
+    for pid in descendants(replica_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except FileNotFoundError:
             continue
-        if b"spawn_main" in cmdline and _descendants(pid) == []:
+        if b"spawn_main" in cmdline and descendants(pid) == []:
             found.append(pid)
     return found
 

@@ -146,3 +146,27 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`. Each thread lists the children it started (a Ray replica starts its engine
+    process from a thread other than its main one), so all of its threads are read."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread or the process ended meanwhile
+            continue
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
+def cpu_ticks(pid: int) -> int:
+    """User and system CPU time of a process and everything below it, in clock ticks (0 for one that is gone)."""
+    total = 0
+    for proc in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
+    return total
