@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="mixed: also run ours with N "
                    "tensor-parallel ranks (local processes), beside one rank, in the same run (default: 1, off)")
+    p.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                   help="mixed: also run ours with these EngineConfig fields changed, interleaved with the rest "
+                        "(repeatable), e.g. --variant fused_layers=off")
     p.add_argument("--json", default="bench_results.json", help="where to write the results")
     p.set_defaults(func=run)
 
@@ -80,7 +83,8 @@ def _child(task: dict) -> dict:
 def _ours_mixed(task: dict) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=task["model"], skip_tokenizer_init=True, tensor_parallel_size=task.get("tp", 1))
+    llm = LLM(model=task["model"], skip_tokenizer_init=True, tensor_parallel_size=task.get("tp", 1),
+              **task.get("engine_args", {}))
     for i, path in enumerate(task["prefixes"]):
         llm.load_prefix(f"task{i}", path)
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
@@ -243,6 +247,23 @@ def _spec_and_path(model: str | None):
     return ModelSpec.from_config(AutoConfig.from_pretrained(path)), path
 
 
+def parse_engine_args(text: str) -> dict:
+    """'a=1,b=on' -> {'a': 1, 'b': 'on'}: EngineConfig fields for a variant of ours (numbers and True/False
+    parsed, anything else a string)."""
+    import ast
+
+    fields = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant: expected FIELD=VALUE, got {item!r}")
+        try:
+            fields[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            fields[name.strip()] = value.strip()
+    return fields
+
+
 def _tok_s(result: dict) -> float:
     return result["tokens"] / result["seconds"]
 
@@ -267,6 +288,8 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
         "ours": "mixed_ours", "hf_static": "hf_static", "peft_grouped": "peft_grouped"}
     if args.tensor_parallel_size > 1:
         kinds[f"tp{args.tensor_parallel_size}"] = "mixed_ours"
+    variants = {f"ours[{v}]": parse_engine_args(v) for v in args.variant}
+    kinds.update({key: "mixed_ours" for key in variants})
     if args.vllm_python:
         kinds["vllm"] = "vllm_static"
     runs: dict[str, list[dict]] = {key: [] for key in kinds}
@@ -274,13 +297,13 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
         for key, kind in kinds.items():
             python, env = (args.vllm_python, vllm_env(args.threads)) if key == "vllm" else (None, None)
             tp = args.tensor_parallel_size if key.startswith("tp") else 1
-            r = run_in_child("benchmarks.bench", {**task, "kind": kind, "tp": tp}, python=python, env=env)
+            r = run_in_child("benchmarks.bench", {**task, "kind": kind, "tp": tp,
+                                                  "engine_args": variants.get(key, {})}, python=python, env=env)
             runs[key].append(r)
             print(f"  round {round_ + 1}, {key}: {_tok_s(r):.1f} tok/s ({r['seconds']:.1f} s)", flush=True)
     results = _best_rounds(runs)
     best = _rounds_label(args.repeat)
     print(f"\nWorkload 1, mixed tasks: 64 requests over 16 prefixes (P=16), {max_tokens} new tokens, fp32{best}")
-    print(f"{'setup':<48}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}")
     ours = _tok_s(results["ours"])
     labels = {"ours": "prefix-serve, 16 prefixes mixed in one batch",
               "hf_static": "transformers static batch of 64, NO prefix",
@@ -289,10 +312,13 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
     if args.tensor_parallel_size > 1:
         tp = args.tensor_parallel_size
         labels[f"tp{tp}"] = f"prefix-serve, {tp} tensor-parallel ranks"
+    labels.update({key: f"prefix-serve, {key[5:-1]}" for key in variants})
+    width = max(48, *(len(label) + 2 for label in labels.values()))
+    print(f"{'setup':<{width}}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}")
     for key, label in labels.items():
         if key in results:
             r = results[key]
-            print(f"{label:<48}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
+            print(f"{label:<{width}}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
                   f"{ours / _tok_s(r):>10.2f}x")
     if args.tensor_parallel_size > 1:
         print(f"\n{'ranks':<8}{'weights per rank MB':>21}{'KV blocks per rank':>20}")

@@ -73,8 +73,9 @@ class EngineConfig:
     # None: workers.cuda_graphs.DEFAULT_BATCH_SIZES (1, 2, 4, ..., 512)
     cuda_graph_sizes: tuple[int, ...] | None = None
     cuda_graph_memory_mb: float = 1024  # no further size is captured once the graphs hold this much device memory
-    # the fused forward of Llama-family layers (workers/fused_decoder.py). "auto": on CUDA devices; "on": also on
-    # a CPU, with the torch ops (for tests); "off": Hugging Face's forward
+    # the fused forward of Llama-family layers (workers/fused_decoder.py). "auto": on CUDA devices, and on CPUs
+    # where prefix-serve's C++ kernels build (workers/cpu_kernels.py); "on": also elsewhere, with the torch
+    # formulas (for tests); "off": Hugging Face's forward
     fused_layers: str = "auto"
 
     def __post_init__(self):
@@ -97,7 +98,7 @@ class EngineConfig:
         for name in ("cuda_graphs", "fused_layers"):
             mode = getattr(self, name)
             if not (isinstance(mode, str) and mode in ("auto", "on", "off")):
-                raise _bad(name, f"must be auto (on CUDA devices only), on or off, got {mode!r}.")
+                raise _bad(name, f"must be auto, on or off, got {mode!r}.")
         if self.attention_backend is not None:
             from workers.attention import available_backends
 

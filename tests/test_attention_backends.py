@@ -239,5 +239,5 @@ def test_the_worker_not_the_engine_picks_the_default_backend(tiny_zoo):
     llm = LLM(model=str(tiny_zoo("llama")["model"]), skip_tokenizer_init=True, block_size=4, num_kv_blocks=16)
     worker = llm.engine.executor.worker
     assert worker.config.attention_backend is None
-    assert llm.engine.attention_backend == worker.attention_backend == "torch"  # this CPU's best
-    assert type(worker.runner.backend) is TorchPagedAttention
+    assert llm.engine.attention_backend == worker.attention_backend == "cpu"  # this CPU's best: the C++ kernel
+    assert type(worker.runner.backend).__name__ == "CpuPagedAttention"

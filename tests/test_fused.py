@@ -81,13 +81,15 @@ def test_triton_op_matches_hugging_face_formula(interpreter_errors, op, dtype):
         assert interpreter_errors[f"rope_write leaves other slots {dtype}"] == 0.0
 
 
-def test_fused_weights_are_views_of_one_concatenation_and_gpt2_is_not_fused(tiny_zoo):
+def test_fused_weights_are_views_of_one_concatenation_and_gpt2_is_not_fused(tiny_zoo, monkeypatch):
+    import workers.fused_decoder as fused_decoder
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_zoo("qwen2")["model"], dtype=torch.float32)
     attn = model.model.layers[0].self_attn
     q_before = attn.q_proj.weight.detach().clone()
-    assert make_fused_decoder(model, torch.device("cpu"), "auto") is None  # auto: CUDA only
+    monkeypatch.setattr(fused_decoder.cpu_kernels, "load", lambda: None)  # a CPU where the C++ kernels do not build
+    assert make_fused_decoder(model, torch.device("cpu"), "auto") is None  # auto: Hugging Face's layers there
     assert make_fused_decoder(model, torch.device("cpu"), "off") is None
     fused = make_fused_decoder(model, torch.device("cpu"), "on")
     layer = fused.layers[0]
@@ -99,6 +101,17 @@ def test_fused_weights_are_views_of_one_concatenation_and_gpt2_is_not_fused(tiny
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_zoo("gpt2")["model"], dtype=torch.float32)
     assert "model type 'gpt2'" in FusedDecoder.unsupported_reason(gpt2)
     assert make_fused_decoder(gpt2, torch.device("cpu"), "on") is None
+
+
+def test_auto_fuses_cpu_layers_with_the_cpp_kernels_where_they_build(tiny_zoo):
+    from transformers import AutoModelForCausalLM
+
+    from workers import cpu_kernels
+    from workers.fused_ops import CppOps
+
+    assert cpu_kernels.load() is not None, cpu_kernels.failure()
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo("llama")["model"], dtype=torch.float32)
+    assert make_fused_decoder(model, torch.device("cpu"), "auto").ops is CppOps
 
 
 class _WrongRope(TorchOps):

@@ -138,11 +138,24 @@ def test_decode_run_discards_tokens_after_a_stop_token(tiny_zoo):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_decoder_layers_match_peft_forward(tiny_zoo, arch):
-    """The fused forward (workers/fused_decoder.py; on CPU with torch ops) against the referee; GPT-2 keeps
+    """The fused forward (workers/fused_decoder.py; on CPU with the C++ kernels) against the referee; GPT-2 keeps
     Hugging Face's forward."""
     entry = tiny_zoo(arch)
     llm, got = _run(entry, block_size=4, fused_layers="on")
-    assert (llm.engine.executor.worker.runner.fused is None) == (arch == "gpt2")
+    runner = llm.engine.executor.worker.runner
+    assert (runner.fused is None) == (arch == "gpt2")
+    assert arch == "gpt2" or runner.fused.ops.name == "cpp"
+    assert got == _expected(entry)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_path_matches_peft_forward(tiny_zoo, arch):
+    """The defaults on CPU run the C++ kernels (tests above); the torch reference attention under Hugging Face's
+    layers, the referee of those kernels, is held to the same standard."""
+    entry = tiny_zoo(arch)
+    llm, got = _run(entry, block_size=4, attention_backend="torch", fused_layers="off")
+    runner = llm.engine.executor.worker.runner
+    assert runner.fused is None and runner.backend.name == "torch"
     assert got == _expected(entry)
 
 

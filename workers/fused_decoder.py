@@ -9,14 +9,16 @@ activation. The same layer here is about 9 kernels (plus whatever the attention 
 
 The q/k/v and gate/up weights are concatenated once at start-up and the modules' own parameters become views of
 the concatenation, so no weight is held twice. The element-wise ops come from `workers.fused_ops` (Triton
-kernels on GPUs, Hugging Face's torch formulas elsewhere); on GPUs the rotary kernel also writes the rotated
-keys and the values into their cache slots. Everything else (embedding, rotary cos/sin, the final norm's weight,
+kernels on GPUs, C++ kernels on CPUs, Hugging Face's torch formulas where neither is usable); the rotary kernel
+also writes the rotated keys and the values into their cache slots. Everything else (embedding, rotary cos/sin, the final norm's weight,
 the LM head) is the model's own module, so rope scaling variants and tied embeddings behave as in Hugging Face.
 
-`EngineConfig.fused_layers` (`--fused-layers`) is auto|on|off (default auto: on for CUDA devices; on a CPU,
-`on` runs the torch ops, which tests use). A model that does not fit (another architecture, biases on only some
-projections, an activation other than SiLU, partial rotary, a head size that is not a power of two) keeps
-Hugging Face's forward, with the reason logged once.
+`EngineConfig.fused_layers` (`--fused-layers`) is auto|on|off (default auto: on for CUDA devices, and on CPUs
+where prefix-serve's C++ kernels build; `on` elsewhere runs the torch formulas). A model that does not fit
+(another architecture, biases on only some projections, an activation other than SiLU, partial rotary, a head
+size that is not a power of two) keeps Hugging Face's forward, with the reason logged once. On CPUs with
+AVX-512, the fused q/k/v and gate/up weights are packed for oneDNN like every other linear layer
+(`workers.model_runner.pack_cpu_linears`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.model_spec import head_dim_of
-from workers.fused_ops import TorchOps, TritonOps, triton_usable
+from workers import cpu_kernels
+from workers.fused_ops import CppOps, TorchOps, TritonOps, triton_usable
 
 logger = logging.getLogger("prefix_serve.fused_decoder")
 
@@ -68,10 +71,11 @@ class _Layer:
 
 
 class FusedDecoder:
-    def __init__(self, model, use_triton: bool):
+    def __init__(self, model, ops=TorchOps):
         decoder = model.model
         config = model.config
-        self.ops = TritonOps if use_triton else TorchOps
+        self.ops = ops
+        self.linear = F.linear  # (x, weight, bias); `pack_cpu_weights` swaps in oneDNN's packed form
         self.embed_tokens = decoder.embed_tokens
         self.rotary_emb = decoder.rotary_emb
         self.norm = decoder.norm
@@ -79,6 +83,7 @@ class FusedDecoder:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.layers = []
+        self._hf_layers = list(decoder.layers)
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
@@ -90,6 +95,19 @@ class FusedDecoder:
                 gate_up_weight=_concat_into_views([mlp.gate_proj, mlp.up_proj], "weight"),
                 gate_up_bias=_concat_into_views([mlp.gate_proj, mlp.up_proj], "bias"),
                 down_proj=mlp.down_proj))
+
+    def pack_weights(self, pack: Callable[[torch.Tensor], torch.Tensor],
+                     linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
+        """Replace the fused q/k/v and gate/up weights by `pack(weight)` (oneDNN's pre-packed layout on CPUs),
+        run through `linear(x, packed, bias)`. The Hugging Face modules' views of those weights are dropped, so
+        no weight is held twice: from here on only this forward runs those projections."""
+        for layer, hf in zip(self.layers, self._hf_layers):
+            layer.qkv_weight = pack(layer.qkv_weight)
+            layer.gate_up_weight = pack(layer.gate_up_weight)
+            for module in (hf.self_attn.q_proj, hf.self_attn.k_proj, hf.self_attn.v_proj, hf.mlp.gate_proj,
+                           hf.mlp.up_proj):
+                module.weight = None
+        self.linear = linear
 
     @staticmethod
     def unsupported_reason(model) -> str | None:
@@ -134,7 +152,7 @@ class FusedDecoder:
         residual = None
         for layer in self.layers:
             h, residual = ops.add_rmsnorm(x, residual, layer.in_norm, layer.eps)
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = self.linear(h, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(n, self.num_heads, self.head_dim)
             k = k.view(n, self.num_kv_heads, self.head_dim)
@@ -144,7 +162,7 @@ class FusedDecoder:
             out = attend(layer.index, q)
             x = layer.o_proj(out.reshape(n, q_size))
             h, residual = ops.add_rmsnorm(x, residual, layer.post_norm, layer.eps)
-            x = layer.down_proj(ops.silu_mul(F.linear(h, layer.gate_up_weight, layer.gate_up_bias)))
+            x = layer.down_proj(ops.silu_mul(self.linear(h, layer.gate_up_weight, layer.gate_up_bias)))
         return ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
 
 
@@ -187,28 +205,36 @@ def check_ops(ops, device: torch.device, dtype: torch.dtype, hidden: int, num_he
 
 def make_fused_decoder(model, device: torch.device, mode: str) -> FusedDecoder | None:
     """The fused forward for `model` when the mode (auto|on|off, EngineConfig.fused_layers) and the model allow
-    it, else None (Hugging Face's forward). On a GPU the Triton kernels are first checked once against the torch
-    formulas at the model's shapes."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    it, else None (Hugging Face's forward). Its ops: Triton kernels on GPUs, prefix-serve's C++ kernels on CPUs
+    (`workers.cpu_kernels`), each first checked once against the torch formulas at the model's shapes, and the
+    torch formulas where neither is usable. "auto": on CUDA devices, and on CPUs where the C++ kernels build."""
+    if mode == "off":
         return None
     try:
         reason = FusedDecoder.unsupported_reason(model)
     except Exception as exc:  # noqa: BLE001 - a model laid out unlike the ones we know: Hugging Face's forward
         reason = f"could not inspect the model ({type(exc).__name__}: {exc})"
-    use_triton = triton_usable(device)
-    if reason is None and use_triton:
-        config = model.config
-        head_dim = head_dim_of(config)
-        reason = check_ops(TritonOps, device, model.dtype, config.hidden_size, config.num_attention_heads,
-                           config.num_key_value_heads, head_dim)
-        reason = reason and f"the Triton kernels failed their start-up check: {reason}"
+    ops = TorchOps
+    if reason is None:
+        if triton_usable(device):
+            ops = TritonOps
+        elif device.type == "cpu" and cpu_kernels.load() is not None:
+            ops = CppOps
+        if ops is not TorchOps:
+            config = model.config
+            failed = check_ops(ops, device, model.dtype, config.hidden_size, config.num_attention_heads,
+                               config.num_key_value_heads, head_dim_of(config))
+            if failed:
+                reason = f"the {ops.name} kernels failed their start-up check: {failed}"
+        elif mode == "auto" and device.type != "cuda":
+            return None  # a CPU without the C++ kernels: Hugging Face's forward
     if reason is not None:
         logger.warning("Fused decoder layers unavailable, using Hugging Face's forward: %s", reason)
         return None
     # Building turns the modules' q/k/v and gate/up parameters into views of the concatenations; one that fails
     # half way leaves every module with its own values, so Hugging Face's forward still runs.
     try:
-        return FusedDecoder(model, use_triton=use_triton)
+        return FusedDecoder(model, ops)
     except Exception as exc:  # noqa: BLE001
         logger.warning("Fused decoder layers unavailable, using Hugging Face's forward: %s: %s",
                        type(exc).__name__, exc)

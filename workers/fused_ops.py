@@ -76,6 +76,41 @@ class TorchOps:
         return torch.nn.functional.silu(gate) * up
 
 
+class CppOps:
+    """The C++ kernels of `workers.cpu_kernels` (CPU, fp32): each op one pass over its rows. Anything else (another
+    dtype) takes TorchOps' formula."""
+    name = "cpp"
+
+    @staticmethod
+    def add_rmsnorm(x, residual, weight, eps):
+        if x.dtype != torch.float32:
+            return TorchOps.add_rmsnorm(x, residual, weight, eps)
+        out, total = _cpu_kernels().add_rmsnorm(x, residual, weight, eps)
+        return out, total
+
+    @staticmethod
+    def rope(q, k, cos, sin):
+        return TorchOps.rope(q, k, cos, sin)
+
+    @staticmethod
+    def rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping):
+        if q.dtype != torch.float32 or key_cache.dtype != torch.float32:
+            return TorchOps.rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+        return _cpu_kernels().rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+
+    @staticmethod
+    def silu_mul(gate_up):
+        if gate_up.dtype != torch.float32:
+            return TorchOps.silu_mul(gate_up)
+        return _cpu_kernels().silu_mul(gate_up)
+
+
+def _cpu_kernels():
+    from workers import cpu_kernels
+
+    return cpu_kernels.load()
+
+
 if triton is not None:
 
     @triton.jit

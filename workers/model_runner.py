@@ -149,7 +149,7 @@ def pack_cpu_linears(model) -> int:
     probe = torch.Generator().manual_seed(0)
     packed = 0
     for module in model.modules():
-        if type(module) is not torch.nn.Linear:
+        if type(module) is not torch.nn.Linear or module.weight is None:
             continue
         weight = module.weight.detach()
         try:
@@ -174,8 +174,12 @@ def pack_cpu_linears(model) -> int:
     return packed
 
 
+def _onednn_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
 def _packed_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+    return _onednn_linear(x, self.packed_weight, self.bias)
 
 
 def pack_fields(fields: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -220,7 +224,9 @@ class ModelRunner:
         self.graphs = self._make_graphs(cuda_graphs, scratch_block)
         # counted before packing, which may replace weights by opaque copies: every distinct parameter once
         self.weight_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())
-        if self.device.type == "cpu" and self.fused is None and onednn_linears_help():
+        if self.device.type == "cpu" and onednn_linears_help():
+            if self.fused is not None:
+                self.fused.pack_weights(torch.ops.mkldnn._reorder_linear_weight, _onednn_linear)
             logger.info("%d linear layers run through oneDNN with pre-packed weights.", pack_cpu_linears(model))
 
     def _make_graphs(self, config: CudaGraphConfig, scratch_block: int | None) -> DecodeGraphs | None:

@@ -517,7 +517,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Context limit for prefix + prompt + output (default: the model's, capped by the "
                              "KV cache and by a sliding attention window).")
     engine.add_argument("--attention-backend", default=default["attention_backend"], choices=available_backends(),
-                        help="Attention kernel (default: the best available for the device).")
+                        help="Attention kernel (default: the best available for the device: on CPU, cpu, "
+                             "prefix-serve's C++ kernel, when it builds, else torch).")
     engine.add_argument("--gpu-memory-utilization", type=float, default=default["gpu_memory_utilization"],
                         help="Share of GPU memory for weights and KV cache (default: %(default)s).")
     engine.add_argument("--cpu-kv-cache-gb", type=float, default=default["cpu_kv_cache_gb"],
@@ -549,8 +550,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                            "memory, in MiB; the sizes left run eagerly (default: %(default)s).")
     engine.add_argument("--fused-layers", default=default["fused_layers"], choices=["auto", "on", "off"],
                         help="Run Llama, Mistral and Qwen2 decoder layers with fused kernels (about 9 per layer "
-                             "instead of 40): auto (on CUDA devices), on (on a CPU too, with torch ops; for tests) "
-                             "or off (Hugging Face's layers) (default: %(default)s).")
+                             "instead of 40): auto (on CUDA devices, and on CPUs where prefix-serve's C++ kernels "
+                             "build), on (elsewhere too, with torch ops; for tests) or off (Hugging Face's layers) "
+                             "(default: %(default)s).")
     parser.set_defaults(func=run)
     return parser
 

@@ -8,6 +8,7 @@ from workers.attention.base import AttentionBackend, AttentionMetadata, write_kv
 
 _BACKENDS = {
     "torch": "workers.attention.torch_ref:TorchPagedAttention",
+    "cpu": "workers.attention.cpu_paged:CpuPagedAttention",
     "triton": "workers.attention.triton_paged:TritonPagedAttention",
     "xformers": "workers.attention.xformers_paged:XFormersPagedAttention",
 }
@@ -25,10 +26,10 @@ def get_backend_class(name: str) -> type[AttentionBackend]:
 
 
 def default_backend_name(device: str) -> str:
-    """torch on CPU; on CUDA, xformers when its CUDA ops load, else Triton, else the torch reference."""
-    if not str(device).startswith("cuda"):
-        return "torch"
-    for name in ("xformers", "triton"):
+    """On CPU, prefix-serve's C++ kernel when it builds, else the torch reference; on CUDA, xformers when its CUDA
+    ops load, else Triton, else the torch reference."""
+    on_cuda = str(device).startswith("cuda")
+    for name in ("xformers", "triton") if on_cuda else ("cpu",):
         try:
             if get_backend_class(name).is_supported():
                 return name

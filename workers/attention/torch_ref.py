@@ -38,16 +38,7 @@ class TorchPagedAttention(AttentionBackend):
         return True
 
     def plan(self, meta: AttentionMetadata) -> _Plan:
-        starts = meta.query_start_loc.tolist()
-        decode_idx, prefills = [], []
-        for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
-            if q_len == 1:
-                decode_idx.append(s)
-                continue
-            slots = sequence_slots(meta.block_tables[s], seq_len, meta.block_size)
-            key_pos = torch.arange(seq_len, device=slots.device)
-            query_pos = seq_len - q_len + torch.arange(q_len, device=slots.device)
-            prefills.append((starts[s], starts[s] + q_len, slots, key_pos[None, :] <= query_pos[:, None]))
+        decode_idx, prefills = self._plan_prefills(meta)
         if not decode_idx:
             return _Plan(None, None, None, prefills)
         # all decode rows at once: [Bd, max_len] slots from the padded block tables, masked past each length
@@ -60,26 +51,50 @@ class TorchPagedAttention(AttentionBackend):
         packed_rows = meta.query_start_loc.long()[rows]
         return _Plan(packed_rows, slots, mask, prefills)
 
+    @staticmethod
+    def _plan_prefills(meta: AttentionMetadata) -> tuple[list[int], list]:
+        """(the decode sequences' indices, each prefill chunk's (row_start, row_end, slots, causal mask))."""
+        starts = meta.query_start_loc.tolist()
+        decode_idx, prefills = [], []
+        for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+            if q_len == 1:
+                decode_idx.append(s)
+                continue
+            slots = sequence_slots(meta.block_tables[s], seq_len, meta.block_size)
+            key_pos = torch.arange(seq_len, device=slots.device)
+            query_pos = seq_len - q_len + torch.arange(q_len, device=slots.device)
+            prefills.append((starts[s], starts[s] + q_len, slots, key_pos[None, :] <= query_pos[:, None]))
+        return decode_idx, prefills
+
     def forward(self, query, key_cache, value_cache, meta):
-        plan: _Plan = meta.plan
+        out = torch.empty_like(query)
+        self._decode(out, query, key_cache, value_cache, meta.plan)
+        self._prefill(out, query, key_cache, value_cache, meta.plan.prefills)
+        return out
+
+    def _decode(self, out, query, key_cache, value_cache, plan: _Plan) -> None:
+        if plan.decode_rows is None:
+            return
         num_blocks, block_size, kv_heads, head_dim = key_cache.shape
         flat_k = key_cache.view(num_blocks * block_size, kv_heads, head_dim)
         flat_v = value_cache.view(num_blocks * block_size, kv_heads, head_dim)
-        out = torch.empty_like(query)
+        bd, max_len = plan.decode_mask.shape[0], plan.decode_mask.shape[-1]
+        group = self.num_heads // self.num_kv_heads
+        # [Bd, KVH, group, D]: query heads h = kv * group + g share KV head kv, as in transformers' GQA
+        q = query.index_select(0, plan.decode_rows).view(bd, self.num_kv_heads, group, head_dim)
+        k = flat_k.index_select(0, plan.decode_slots).view(bd, max_len, kv_heads, head_dim).transpose(1, 2)
+        v = flat_v.index_select(0, plan.decode_slots).view(bd, max_len, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale)
+        out.index_copy_(0, plan.decode_rows, o.reshape(bd, self.num_heads, head_dim))
+
+    def _prefill(self, out, query, key_cache, value_cache, prefills) -> None:
+        num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+        flat_k = key_cache.view(num_blocks * block_size, kv_heads, head_dim)
+        flat_v = value_cache.view(num_blocks * block_size, kv_heads, head_dim)
         gqa = self.num_heads != self.num_kv_heads  # prefill chunks let SDPA group the heads
-        if plan.decode_rows is not None:
-            bd, max_len = plan.decode_mask.shape[0], plan.decode_mask.shape[-1]
-            group = self.num_heads // self.num_kv_heads
-            # [Bd, KVH, group, D]: query heads h = kv * group + g share KV head kv, as in transformers' GQA
-            q = query.index_select(0, plan.decode_rows).view(bd, self.num_kv_heads, group, head_dim)
-            k = flat_k.index_select(0, plan.decode_slots).view(bd, max_len, kv_heads, head_dim).transpose(1, 2)
-            v = flat_v.index_select(0, plan.decode_slots).view(bd, max_len, kv_heads, head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale)
-            out.index_copy_(0, plan.decode_rows, o.reshape(bd, self.num_heads, head_dim))
-        for start, end, slots, mask in plan.prefills:
+        for start, end, slots, mask in prefills:
             q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
             k = flat_k.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
             v = flat_v.index_select(0, slots).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             out[start:end] = o.squeeze(0).transpose(0, 1)
-        return out

@@ -1,0 +1,101 @@
+"""prefix-serve's C++ CPU kernels (`workers.cpu_kernels`) against the torch formulas they replace.
+
+The build must succeed here: CI installs a compiler and `ninja`, and a silent fallback to the torch formulas
+would make every other test in this file pass without testing anything.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention_backends import CASES, make_batch, reference_output, run_backend
+
+from workers import cpu_kernels
+from workers.attention import default_backend_name, get_backend_class
+from workers.attention.cpu_paged import CpuPagedAttention
+from workers.fused_decoder import check_ops
+from workers.fused_ops import CppOps, TorchOps
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.load()
+    assert module is not None, f"the C++ CPU kernels did not build: {cpu_kernels.failure()}"
+    return module
+
+
+def test_the_cpu_backend_is_the_default_on_cpu(kernels):
+    assert default_backend_name("cpu") == "cpu"
+    assert get_backend_class("cpu") is CpuPagedAttention
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.dtype == "float32"], ids=lambda c: c.name)
+def test_cpu_backend_matches_the_reference(kernels, case):
+    """Decode rows through the kernel, prefill chunks through the reference; poisoned slots catch any read past a
+    sequence's length or through a padded block-table entry."""
+    query, key_cache, value_cache, meta = make_batch(case)
+    expected = reference_output(case, query, key_cache, value_cache, meta)
+    backend = CpuPagedAttention(case.num_heads, case.num_kv_heads, case.head_dim, case.head_dim ** -0.5)
+    got = run_backend(backend, query, key_cache, value_cache, meta)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_backend_runs_other_dtypes_through_the_reference(kernels):
+    case = next(c for c in CASES if c.dtype == "float16")
+    query, key_cache, value_cache, meta = make_batch(case, dtype=torch.bfloat16)
+    backend = CpuPagedAttention(case.num_heads, case.num_kv_heads, case.head_dim, case.head_dim ** -0.5)
+    got = run_backend(backend, query, key_cache, value_cache, meta)
+    torch.testing.assert_close(got.float(), reference_output(case, query, key_cache, value_cache, meta),
+                               atol=3e-2, rtol=3e-2)
+
+
+def test_decode_kernel_rejects_bad_lengths_instead_of_reading_past_the_table(kernels):
+    case = CASES[2]  # decode only
+    query, key_cache, value_cache, meta = make_batch(case)
+    rows = torch.arange(len(case.seq_lens), dtype=torch.long)
+    lens = meta.seq_lens.clone()
+    lens[0] = meta.block_tables.shape[1] * case.block_size + 1  # one key past the table's last block
+    with pytest.raises(RuntimeError, match="bad sequence length"):
+        kernels.decode_attention(torch.empty_like(query), query, key_cache, value_cache, meta.block_tables, lens,
+                                 rows, 0.1)
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 64, 576), (4, 1, 16, 40), (6, 2, 24, 96)])
+def test_cpp_ops_match_the_torch_formulas(kernels, shape):
+    heads, kv_heads, head_dim, hidden = shape
+    assert check_ops(CppOps, torch.device("cpu"), torch.float32, hidden, heads, kv_heads, head_dim) is None
+
+
+def test_cpp_ops_on_strided_rows_and_many_rows(kernels):
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(300, 1000, generator=gen)
+    x, weight = wide[:, :576], torch.randn(576, generator=gen)  # rows 1,000 apart
+    residual = torch.randn(300, 576, generator=gen)
+    for res in (None, residual):
+        want, got = TorchOps.add_rmsnorm(x, res, weight, 1e-5), CppOps.add_rmsnorm(x, res, weight, 1e-5)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+    gate_up = torch.randn(300, 2 * 1536, generator=gen)
+    torch.testing.assert_close(CppOps.silu_mul(gate_up), TorchOps.silu_mul(gate_up), atol=1e-6, rtol=1e-5)
+    # rotary on q and k as strided views of one projection, k and v written to shuffled slots
+    n, heads, kv_heads, dim = 300, 9, 3, 64
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=gen)
+    q = qkv[:, :heads * dim].view(n, heads, dim)
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(n, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim:].view(n, kv_heads, dim)
+    cos, sin = torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen)
+    slots = torch.randperm(40 * 16, generator=gen)[:n]
+    caches = [torch.zeros(40, 16, kv_heads, dim) for _ in range(4)]
+    want_q = TorchOps.rope_write(q.clone(), k.clone(), v, cos, sin, caches[0], caches[1], slots)
+    got_q = CppOps.rope_write(q.clone(), k, v, cos, sin, caches[2], caches[3], slots)
+    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[2], caches[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[3], caches[1], atol=0, rtol=0)
+
+
+def test_rope_write_rejects_a_slot_outside_the_cache(kernels):
+    q, k, v = torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    cos, sin = torch.randn(2, 8), torch.randn(2, 8)
+    cache = torch.zeros(2, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.rope_write(q, k, v, cos, sin, cache, cache.clone(), torch.tensor([0, 8]))

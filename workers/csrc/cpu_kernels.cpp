@@ -1,0 +1,304 @@
+// prefix-serve's CPU kernels: paged decode attention that reads K/V straight from the cache blocks, and the
+// element-wise parts of a Llama-family layer (residual add + RMSNorm, rotary embedding with the K/V cache write,
+// SiLU * up), each one pass over its rows. Built on first use by workers/cpu_kernels.py with the vector width
+// PyTorch itself uses on this CPU (at::vec::Vectorized); fp32 only.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+
+inline float horizontal_sum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+#else
+  float lanes[kWidth];
+  v.store(lanes);
+  float sum = 0.f;
+  for (int64_t i = 0; i < kWidth; ++i) sum += lanes[i];
+  return sum;
+#endif
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  float sum = horizontal_sum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += p * x
+inline void axpy(float* y, float p, const float* x, int64_t n) {
+  const Vec pv(p);
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) at::vec::fmadd(pv, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// scores[0:n] <- exp(scores - max), returns their sum
+inline float exp_shifted(float* scores, int64_t n) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max = std::max(max, scores[i]);
+  const Vec mv(max);
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) (Vec::loadu(scores + i) - mv).exp().store(scores + i);
+  if (i < n) (Vec::loadu(scores + i, n - i) - mv).exp().store(scores + i, n - i);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += scores[j];
+  return sum;
+}
+
+// Rows per parallel task for the element-wise kernels. Waking the other threads costs more than these kernels
+// do on a decode step's rows: SmolLM2's RMSNorm at 64 rows took 11 us on one thread and 65 us split over two
+// (inside a decode step, 2 cores), so only prefill-sized inputs (over 256K elements) are split.
+inline int64_t rows_per_task(int64_t row_elements) {
+  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(row_elements, 1));
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+}  // namespace
+
+// Decode attention: one query token per sequence against that sequence's cached keys and values.
+// out, query [N, H, D] (row rows[s] of each is sequence s's token); key_cache, value_cache [blocks, block_size,
+// KVH, D] contiguous; block_tables [S, W] int32; seq_lens [S] int32 (keys per sequence, the new one included);
+// rows [S] int64. Query head h reads KV head h / (H / KVH), as in transformers.
+void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                      const at::Tensor& rows, double scale) {
+  check_float(out, "out");
+  check_float(query, "query");
+  TORCH_CHECK(key_cache.scalar_type() == at::kFloat && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kFloat,
+              "the caches must be contiguous float32 tensors of one shape");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() && block_tables.dim() == 2,
+              "block_tables must be a contiguous int32 [S, W] tensor");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(), "seq_lens must be contiguous int32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be contiguous int64");
+  const int64_t num_seqs = rows.size(0);
+  const int64_t heads = query.size(1), dim = query.size(2);
+  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == dim && heads % kv_heads == 0, "query and cache shapes disagree");
+  TORCH_CHECK(seq_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs, "one row per sequence");
+  const int64_t group = heads / kv_heads, width = block_tables.size(1);
+  const float* q = query.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float* keys = key_cache.data_ptr<float>();
+  const float* values = value_cache.data_ptr<float>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t* row_of = rows.data_ptr<int64_t>();
+  const int64_t qs0 = query.stride(0), qs1 = query.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t slot_stride = kv_heads * dim;
+  const float fscale = static_cast<float>(scale);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 1 && (lens[s] + block_size - 1) / block_size <= width, "bad sequence length");
+  }
+
+  // One task per sequence: its keys are read block by block, each token's K (all KV heads) one contiguous run.
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(heads * dim), sums(heads);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t len = lens[s], row = row_of[s];
+      const int32_t* table = tables + s * width;
+      const float* qrow = q + row * qs0;
+      scores.resize(heads * len);
+      for (int64_t t = 0; t < len; ++t) {
+        const float* k = keys + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
+                                    slot_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+          scores[h * len + t] = dot(qrow + h * qs1, k + (h / group) * dim, dim) * fscale;
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) sums[h] = exp_shifted(scores.data() + h * len, len);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const float* v = values + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
+                                      slot_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+          axpy(acc.data() + h * dim, scores[h * len + t], v + (h / group) * dim, dim);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        float* orow = o + row * os0 + h * os1;
+        const Vec inv(1.f / sums[h]);
+        int64_t i = 0;
+        for (; i + kWidth <= dim; i += kWidth) (Vec::loadu(acc.data() + h * dim + i) * inv).store(orow + i);
+        for (; i < dim; ++i) orow[i] = acc[h * dim + i] / sums[h];
+      }
+    }
+  });
+}
+
+// (RMSNorm(residual + x) * weight, residual + x); without a residual, (RMSNorm(x) * weight, x).
+// x, residual [N, hidden]; the same rounding steps as Hugging Face's formula in fp32.
+std::vector<at::Tensor> add_rmsnorm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& weight, double eps) {
+  check_float(x, "x");
+  check_float(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.is_contiguous() && weight.numel() == x.size(1), "x [N, hidden], weight [hidden]");
+  const int64_t n = x.size(0), hidden = x.size(1);
+  const bool add = residual.has_value();
+  at::Tensor sum = x;
+  if (add) {
+    check_float(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual and x differ in shape");
+    sum = at::empty({n, hidden}, x.options());
+  }
+  at::Tensor out = at::empty({n, hidden}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* rp = add ? residual->data_ptr<float>() : nullptr;
+  const float* wp = weight.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xs = x.stride(0), rs = add ? residual->stride(0) : 0, ss = sum.stride(0);
+  const float feps = static_cast<float>(eps);
+  const int64_t grain = rows_per_task(hidden);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* src = xp + r * xs;
+      if (add) {
+        float* dst = sp + r * ss;
+        const float* res = rp + r * rs;
+        int64_t i = 0;
+        for (; i + kWidth <= hidden; i += kWidth) (Vec::loadu(res + i) + Vec::loadu(src + i)).store(dst + i);
+        for (; i < hidden; ++i) dst[i] = res[i] + src[i];
+        src = dst;
+      }
+      Vec acc(0.f);
+      int64_t i = 0;
+      for (; i + kWidth <= hidden; i += kWidth) {
+        const Vec v = Vec::loadu(src + i);
+        acc = acc + v * v;
+      }
+      float squares = horizontal_sum(acc);
+      for (; i < hidden; ++i) squares += src[i] * src[i];
+      const float rstd = 1.f / std::sqrt(squares / static_cast<float>(hidden) + feps);
+      const Vec rv(rstd);
+      float* dst = op + r * hidden;
+      i = 0;
+      for (; i + kWidth <= hidden; i += kWidth) (Vec::loadu(wp + i) * (Vec::loadu(src + i) * rv)).store(dst + i);
+      for (; i < hidden; ++i) dst[i] = wp[i] * (src[i] * rstd);
+    }
+  });
+  return {out, sum};
+}
+
+namespace {
+
+// dst[0:half], dst[half:dim] <- x_lo * cos - x_hi * sin, x_hi * cos + x_lo * sin (rotate-half convention);
+// dst may be x
+inline void rotate(float* dst, const float* x, const float* cos, const float* sin, int64_t half) {
+  int64_t i = 0;
+  for (; i + kWidth <= half; i += kWidth) {
+    const Vec lo = Vec::loadu(x + i), hi = Vec::loadu(x + half + i);
+    const Vec new_lo = lo * Vec::loadu(cos + i) - hi * Vec::loadu(sin + i);
+    const Vec new_hi = hi * Vec::loadu(cos + half + i) + lo * Vec::loadu(sin + half + i);
+    new_lo.store(dst + i);
+    new_hi.store(dst + half + i);
+  }
+  for (; i < half; ++i) {
+    const float lo = x[i], hi = x[half + i];
+    dst[i] = lo * cos[i] - hi * sin[i];
+    dst[half + i] = hi * cos[half + i] + lo * sin[half + i];
+  }
+}
+
+}  // namespace
+
+// Rotary embedding: q [N, H, D] rotated in place; k [N, KVH, D] rotated into its cache slots, v copied into
+// its slots (caches [blocks, block_size, KVH, D] contiguous, slot_mapping [N] int64); cos, sin [N, D].
+at::Tensor rope_write(at::Tensor q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                      const at::Tensor& sin, at::Tensor key_cache, at::Tensor value_cache,
+                      const at::Tensor& slot_mapping) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &cos, &sin}) {
+    check_float(*t, "rope input");
+  }
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.scalar_type() == at::kFloat &&
+                  value_cache.scalar_type() == at::kFloat, "the caches must be contiguous float32 tensors");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "slots: contiguous int64");
+  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k.size(1), half = dim / 2;
+  TORCH_CHECK(dim % 2 == 0 && k.size(2) == dim && v.size(1) == kv_heads && key_cache.size(3) == dim &&
+                  key_cache.size(2) == kv_heads && slot_mapping.size(0) == n, "rope shapes disagree");
+  const int64_t slots = key_cache.size(0) * key_cache.size(1);
+  float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* kc = key_cache.data_ptr<float>();
+  float* vc = value_cache.data_ptr<float>();
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(slot[r] >= 0 && slot[r] < slots, "slot out of range");
+  const int64_t grain = rows_per_task((heads + 2 * kv_heads) * dim);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* c = cp + r * cos.stride(0);
+      const float* s = sp + r * sin.stride(0);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = qp + r * q.stride(0) + h * q.stride(1);
+        rotate(x, x, c, s, half);
+      }
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at = (slot[r] * kv_heads + h) * dim;
+        rotate(kc + at, kp + r * k.stride(0) + h * k.stride(1), c, s, half);
+        std::copy_n(vp + r * v.stride(0) + h * v.stride(1), dim, vc + at);
+      }
+    }
+  });
+  return q;
+}
+
+// gate_up [N, 2I] (gate first) -> SiLU(gate) * up [N, I], SiLU as x / (1 + exp(-x)) like PyTorch's CPU kernel
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_float(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [N, 2I]");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2, gs = gate_up.stride(0);
+  at::Tensor out = at::empty({n, inter}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Vec one(1.f);
+  const int64_t grain = rows_per_task(2 * inter);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = gp + r * gs;
+      const float* u = g + inter;
+      float* dst = op + r * inter;
+      int64_t i = 0;
+      for (; i + kWidth <= inter; i += kWidth) {
+        const Vec x = Vec::loadu(g + i);
+        ((x / (one + x.neg().exp())) * Vec::loadu(u + i)).store(dst + i);
+      }
+      for (; i < inter; ++i) dst[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention);
+  m.def("add_rmsnorm", &add_rmsnorm);
+  m.def("rope_write", &rope_write);
+  m.def("silu_mul", &silu_mul);
+}
