@@ -99,3 +99,45 @@ def test_rope_write_rejects_a_slot_outside_the_cache(kernels):
     cache = torch.zeros(2, 4, 1, 8)
     with pytest.raises(RuntimeError, match="slot out of range"):
         kernels.rope_write(q, k, v, cos, sin, cache, cache.clone(), torch.tensor([0, 8]))
+
+
+_OTHER_WIDTH_SCRIPT = """
+import json, torch
+from test_attention_backends import CASES, make_batch, reference_output, run_backend
+from workers import cpu_kernels
+from workers.attention.cpu_paged import CpuPagedAttention
+from workers.fused_decoder import check_ops
+from workers.fused_ops import CppOps
+module = cpu_kernels.load()
+errors = {"module": module.__name__ if module else cpu_kernels.failure()}
+for case in CASES:
+    if case.dtype == "float32":
+        batch = make_batch(case)
+        backend = CpuPagedAttention(case.num_heads, case.num_kv_heads, case.head_dim, case.head_dim ** -0.5)
+        got, want = run_backend(backend, *batch), reference_output(case, *batch)
+        errors[case.name] = (got - want).abs().max().item()
+errors["ops"] = check_ops(CppOps, torch.device("cpu"), torch.float32, 96, 6, 2, 16)
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_kernels_built_for_narrower_vectors_match_the_reference(capability):
+    """The build this machine would not choose: AVX2 (hosts without AVX-512) and plain C++ (other CPUs), selected
+    the way PyTorch selects its own kernels (ATEN_CPU_CAPABILITY), in a subprocess of their own."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    proc = subprocess.run([sys.executable, "-c", _OTHER_WIDTH_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert errors.pop("module") == f"prefix_serve_cpu_kernels_{capability}"
+    assert errors.pop("ops") is None
+    assert errors and max(errors.values()) <= 1e-5, errors

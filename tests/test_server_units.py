@@ -441,7 +441,7 @@ def test_decode_steps_setting_is_checked():
     ({"cpu_kv_cache_gb": float("inf")}, "cpu_kv_cache_gb must be a finite"), ({"max_num_seqs": True}, "max_num_seqs"),
     ({"prefix_host_cache_gb": -1}, "prefix_host_cache_gb must be"),
     ({"prefix_host_cache_gb": float("nan")}, "prefix_host_cache_gb must be"),
-    ({"cuda_graphs": "sometimes"}, "cuda_graphs must be auto .*, on or off, got 'sometimes'"),
+    ({"cuda_graphs": "sometimes"}, "cuda_graphs must be auto, on or off, got 'sometimes'"),
     ({"cuda_graphs": True}, "cuda_graphs must be auto"), ({"fused_layers": "1"}, "fused_layers must be auto"),
     ({"cuda_graph_sizes": []}, "cuda_graph_sizes must be a non-empty list of integers of at least 1"),
     ({"cuda_graph_sizes": (1, 0)}, "cuda_graph_sizes must be"), ({"cuda_graph_sizes": "1,2"}, "cuda_graph_sizes"),

@@ -30,6 +30,7 @@ _CAPABILITY_FLAGS = {
                "-mavx512dq", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
+_PLAIN_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]  # at::vec's portable C++ (ARM, or ATEN_CPU_CAPABILITY=default)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -75,7 +76,7 @@ def _build():
     from torch.utils import cpp_extension
 
     capability = _capability()
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_CAPABILITY_FLAGS.get(capability, [])]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_CAPABILITY_FLAGS.get(capability, _PLAIN_FLAGS)]
     name = f"prefix_serve_cpu_kernels_{capability.lower()}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     if not (build_dir / f"{name}.so").exists():
