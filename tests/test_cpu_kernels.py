@@ -40,6 +40,23 @@ def test_cpu_backend_matches_the_reference(kernels, case):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("factor", [0.0, 1e9], ids=["one_call_per_chunk", "all_chunks_batched"])
+def test_prefill_chunks_batched_or_not_match_the_reference(kernels, factor, monkeypatch):
+    import workers.attention.cpu_paged as cpu_paged
+
+    monkeypatch.setattr(cpu_paged, "MAX_PADDING_FACTOR", factor)
+    multi = [c for c in CASES if c.dtype == "float32" and sum(q > 1 for q in c.query_lens) > 1]
+    assert multi
+    for case in multi:
+        query, key_cache, value_cache, meta = make_batch(case)
+        backend = CpuPagedAttention(case.num_heads, case.num_kv_heads, case.head_dim, case.head_dim ** -0.5)
+        meta.plan = backend.plan(meta)
+        assert (meta.plan.batched is not None) == (factor > 0)
+        got = backend.forward(query, key_cache, value_cache, meta)
+        torch.testing.assert_close(got, reference_output(case, query, key_cache, value_cache, meta), atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_cpu_backend_runs_other_dtypes_through_the_reference(kernels):
     case = next(c for c in CASES if c.dtype == "float16")
     query, key_cache, value_cache, meta = make_batch(case, dtype=torch.bfloat16)
