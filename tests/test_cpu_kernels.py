@@ -42,7 +42,7 @@ def test_cpu_backend_matches_the_reference(kernels, case):
 
 @pytest.mark.parametrize("factor", [0.0, 1e9], ids=["one_call_per_chunk", "all_chunks_batched"])
 def test_prefill_chunks_batched_or_not_match_the_reference(kernels, factor, monkeypatch):
-    import workers.attention.cpu_paged as cpu_paged
+    from workers.attention import cpu_paged
 
     monkeypatch.setattr(cpu_paged, "MAX_PADDING_FACTOR", factor)
     multi = [c for c in CASES if c.dtype == "float32" and sum(q > 1 for q in c.query_lens) > 1]
@@ -152,7 +152,7 @@ def test_kernels_built_for_narrower_vectors_match_the_reference(capability):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
            "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     proc = subprocess.run([sys.executable, "-c", _OTHER_WIDTH_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert errors.pop("module") == f"prefix_serve_cpu_kernels_{capability}"

@@ -82,7 +82,7 @@ class CpuPagedAttention(TorchPagedAttention):
         return out
 
     def _batched_prefill(self, out, query, key_cache, value_cache, batch: _BatchedPrefill) -> None:
-        num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+        kv_heads, head_dim = key_cache.shape[2:]
         chunks, _, width, keys = batch.mask.shape
         q = query.index_select(0, batch.query_rows).view(chunks, width, self.num_heads, head_dim).transpose(1, 2)
         k = key_cache.view(-1, kv_heads, head_dim).index_select(0, batch.slots)
