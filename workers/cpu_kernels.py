@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def failure() -> str | None:
 def _build():
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:
+        try:  # the `ninja` package's binary, for a virtualenv's interpreter run without activating it
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+        except (ImportError, AttributeError):
+            pass  # cpp_extension then names what is missing
     capability = _capability()
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_CAPABILITY_FLAGS.get(capability, _PLAIN_FLAGS)]
     name = f"prefix_serve_cpu_kernels_{capability.lower()}"
