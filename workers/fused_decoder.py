@@ -101,9 +101,9 @@ class FusedDecoder:
         """Replace the fused q/k/v and gate/up weights by `pack(weight)` (oneDNN's pre-packed layout on CPUs),
         run through `linear(x, packed, bias)`. The Hugging Face modules' views of those weights are dropped, so
         no weight is held twice: from here on only this forward runs those projections."""
-        for layer, hf in zip(self.layers, self._hf_layers):
-            layer.qkv_weight = pack(layer.qkv_weight)
-            layer.gate_up_weight = pack(layer.gate_up_weight)
+        packed = [(pack(layer.qkv_weight), pack(layer.gate_up_weight)) for layer in self.layers]  # may raise
+        for layer, hf, (qkv, gate_up) in zip(self.layers, self._hf_layers, packed):
+            layer.qkv_weight, layer.gate_up_weight = qkv, gate_up
             for module in (hf.self_attn.q_proj, hf.self_attn.k_proj, hf.self_attn.v_proj, hf.mlp.gate_proj,
                            hf.mlp.up_proj):
                 module.weight = None

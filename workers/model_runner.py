@@ -226,7 +226,10 @@ class ModelRunner:
         self.weight_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())
         if self.device.type == "cpu" and onednn_linears_help():
             if self.fused is not None:
-                self.fused.pack_weights(torch.ops.mkldnn._reorder_linear_weight, _onednn_linear)
+                try:
+                    self.fused.pack_weights(torch.ops.mkldnn._reorder_linear_weight, _onednn_linear)
+                except RuntimeError as exc:  # nothing was replaced: the fused projections keep F.linear
+                    logger.warning("The fused q/k/v and gate/up weights could not be packed for oneDNN: %s", exc)
             logger.info("%d linear layers run through oneDNN with pre-packed weights.", pack_cpu_linears(model))
 
     def _make_graphs(self, config: CudaGraphConfig, scratch_block: int | None) -> DecodeGraphs | None:
