@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Timer, peak_rss_mb, random_prompts, run_in_child, write_random_prefix
+from benchmarks.common import Timer, parse_engine_args, peak_rss_mb, random_prompts, run_in_child, write_random_prefix
 
 
 def add_parser(subparsers) -> None:
@@ -245,23 +245,6 @@ def _spec_and_path(model: str | None):
 
     path = resolve_model_path(model)
     return ModelSpec.from_config(AutoConfig.from_pretrained(path)), path
-
-
-def parse_engine_args(text: str) -> dict:
-    """'a=1,b=on' -> {'a': 1, 'b': 'on'}: EngineConfig fields for a variant of ours (numbers and True/False
-    parsed, anything else a string)."""
-    import ast
-
-    fields = {}
-    for item in filter(None, text.split(",")):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--variant: expected FIELD=VALUE, got {item!r}")
-        try:
-            fields[name.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            fields[name.strip()] = value.strip()
-    return fields
 
 
 def _tok_s(result: dict) -> float:

@@ -99,3 +99,20 @@ def workload1(llm, directory: Path) -> tuple[list[dict], list[str]]:
         llm.load_prefix(f"task{i}", str(write_random_prefix(Path(directory) / f"p{i}", spec, 16, seed=i)))
     prompts = [{"prompt_token_ids": p} for p in random_prompts(64, 20, 60, spec.vocab_size)]
     return prompts, [f"task{i % 16}" for i in range(64)]
+
+
+def parse_engine_args(text: str) -> dict:
+    """'a=1,b=on' -> {'a': 1, 'b': 'on'}: EngineConfig fields from the command line (numbers and True/False
+    parsed, anything else a string)."""
+    import ast
+
+    fields = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected FIELD=VALUE, got {item!r}")
+        try:
+            fields[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            fields[name.strip()] = value.strip()
+    return fields

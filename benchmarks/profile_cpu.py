@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import workload1
+from benchmarks.common import parse_engine_args, workload1
 
 
 def main() -> None:
@@ -24,15 +24,15 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=15, help="operators to list from the decode-step profile")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--shapes", action="store_true", help="group the operator table by input shapes")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="an EngineConfig field for the engine (repeatable), e.g. --set fused_layers=on")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                        help="EngineConfig fields for the engine (repeatable), e.g. --set fused_layers=off")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(**dict(item.split("=", 1) for item in args.set))
+    llm = LLM(**{name: value for item in args.set for name, value in parse_engine_args(item).items()})
     with tempfile.TemporaryDirectory() as tmp:
         prompts, names = workload1(llm, Path(tmp))
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)

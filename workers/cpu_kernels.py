@@ -44,6 +44,8 @@ def _capability() -> str:
 def load():
     """The compiled kernels module, or None when they cannot be built here (the reason is in `failure()`).
     Builds at most once per process; PREFIX_SERVE_CPU_KERNELS=0 in the environment turns them off."""
+    if "module" in _state:  # every kernel call asks: no lock once the answer is known
+        return _state["module"]
     with _lock:
         if "module" in _state:
             return _state["module"]
@@ -58,7 +60,8 @@ def load():
         if reason:
             logger.warning("prefix-serve's C++ CPU kernels are unavailable, so the torch formulations run "
                            "(slower): %s", reason)
-        _state["module"], _state["failure"] = module, reason
+        _state["failure"] = reason
+        _state["module"] = module
         return module
 
 

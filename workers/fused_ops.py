@@ -3,8 +3,9 @@ embedding (in place), and SiLU(gate) * up.
 
 Hugging Face's modules run these as chains of small kernels (an RMSNorm is six or seven, a rotary embedding
 about ten for q and k). A decode step at batch 256 moves little data through each, so on a GPU their count,
-not their bytes, costs time. Each op here has two implementations with the same contract:
-- `TorchOps`: Hugging Face's own formulas in torch (CPU, and the reference in tests);
+not their bytes, costs time. Each op here has three implementations with the same contract:
+- `TorchOps`: Hugging Face's own formulas in torch (anywhere, and the reference in tests);
+- `CppOps`: prefix-serve's C++ kernels (`workers.cpu_kernels`; CPU, fp32, the torch formulas otherwise);
 - `TritonOps`: one Triton kernel per op (CUDA; CPU tensors under TRITON_INTERPRET=1, for tests).
 The Triton kernels round to the model dtype where Hugging Face's chain of torch ops does, so bf16 results match
 it closely and fp32 results to within a few units in the last place (exp and rsqrt are hardware approximations
@@ -17,6 +18,7 @@ import os
 
 import torch
 
+from workers import cpu_kernels
 from workers.attention.base import write_kv
 
 try:
@@ -85,8 +87,7 @@ class CppOps:
     def add_rmsnorm(x, residual, weight, eps):
         if x.dtype != torch.float32:
             return TorchOps.add_rmsnorm(x, residual, weight, eps)
-        out, total = _cpu_kernels().add_rmsnorm(x, residual, weight, eps)
-        return out, total
+        return tuple(cpu_kernels.load().add_rmsnorm(x, residual, weight, eps))
 
     @staticmethod
     def rope(q, k, cos, sin):
@@ -96,19 +97,13 @@ class CppOps:
     def rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping):
         if q.dtype != torch.float32 or key_cache.dtype != torch.float32:
             return TorchOps.rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
-        return _cpu_kernels().rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+        return cpu_kernels.load().rope_write(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
 
     @staticmethod
     def silu_mul(gate_up):
         if gate_up.dtype != torch.float32:
             return TorchOps.silu_mul(gate_up)
-        return _cpu_kernels().silu_mul(gate_up)
-
-
-def _cpu_kernels():
-    from workers import cpu_kernels
-
-    return cpu_kernels.load()
+        return cpu_kernels.load().silu_mul(gate_up)
 
 
 if triton is not None:
