@@ -36,6 +36,11 @@ pytestmark = pytest.mark.reliability
 BASE = "tiny-base"
 PREFIXES = [f"task{i}" for i in range(8)]
 NUM_KV_BLOCKS = 4096
+# A longer context than the other server tests' 256 tokens, so that a request can outlive a busy server's event loop
+# lag by far: the disconnect storm and the killed engine need requests that stay open for seconds, and 100 streams
+# of 240 tokens take about 1 s on two cores, while the storm delays the loop by up to 0.5 s.
+MAX_MODEL_LEN = 2048
+LONG = 1500  # max_tokens of a request that must still be running when the test acts on it
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FIGURES: dict[str, object] = {}  # measured values, printed at the end of the module (-s shows them)
 
@@ -43,7 +48,7 @@ FIGURES: dict[str, object] = {}  # measured values, printed at the end of the mo
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    model = build_model(root / "model")
+    model = build_model(root / "model", max_position_embeddings=MAX_MODEL_LEN)
     build_prefixes(model, root / "prefixes", 8)
     build_prefixes(model, root / "loadable", 1, first_seed=20)
     build_prefixes(model, root / "outside", 1, first_seed=30)
@@ -196,15 +201,17 @@ def test_a_disconnect_storm_aborts_every_request_the_engine_accepted(server):
     that closes it, left the request running to max_tokens; the abort counter under-counted.
 
     240 clients leave 0-100 ms after sending, or as soon as their stream's first byte comes, while 100 ballast
-    streams keep every step slow: no storm request can reach its 200 tokens before its client is gone, so any
-    that finishes other than by abort was not aborted, and the abort count must equal what the engine accepted."""
+    streams keep every step slow. A storm request asks for LONG tokens: seconds of steps, far longer than the
+    server's loop takes to notice a closed connection during the storm (up to 0.5 s measured on two cores; with
+    200 tokens, about 1 s of steps, a late abort could pass for a lost one). So any storm request that finishes
+    other than by abort was not aborted, and the abort count must equal what the engine accepted."""
     import aiohttp
 
     before = scrape(server)
     rng = random.Random(15)
     requests = []
     for i in range(240):
-        body = {"model": PREFIXES[i % 8], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+        body = {"model": PREFIXES[i % 8], "max_tokens": LONG, "temperature": 0, "ignore_eos": True,
                 "stream": i % 3 == 0, "prompt": [5 + i % 50, 7, 9] if i % 2 else f"storm {i}"}
         path = "/v1/completions"
         if i % 5 == 4:
@@ -297,7 +304,7 @@ def _request_strategy(spec: dict, operation: tuple, stack):
                                        str(stack / "loadable") + "/../outside/task30", "/a" * 3000,
                                        "/" + "b" * 300, "relative", "/x\x00y", "/\udc80"]), texts)
     prompts = st.one_of(texts, st.lists(st.integers(0, 319), min_size=1, max_size=8),
-                        st.lists(texts, min_size=1, max_size=3), st.sampled_from([[300] * 300, [400], [-1], []]))
+                        st.lists(texts, min_size=1, max_size=3), st.sampled_from([[300] * (MAX_MODEL_LEN + 1), [400], [-1], []]))
     overrides = {"model": names, "prefix_path": paths, "prefix_name": safe_names, "prompt": prompts,
                  "max_tokens": st.integers(1, 8), "max_completion_tokens": st.integers(1, 8),
                  "n": st.integers(1, 3), "best_of": st.integers(1, 3)}
@@ -526,7 +533,7 @@ def test_a_killed_engine_gives_every_open_request_a_clean_error_within_a_second(
     async def run():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=60)) as session:
-            body = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+            body = {"max_tokens": LONG, "ignore_eos": True, "temperature": 0}  # open until the kill
             streams = [asyncio.ensure_future(sse(session, server.url, {**body, "model": PREFIXES[i % 8],
                                                                         "prompt": [i + 1, 2]}))
                        for i in range(40)]

@@ -54,12 +54,15 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
-def build_model(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama whose vocabulary matches build_tokenizer's, with that tokenizer saved beside it."""
+def build_model(out_dir: Path, seed: int = 0, max_position_embeddings: int | None = None) -> Path:
+    """A 2-layer random Llama whose vocabulary matches build_tokenizer's, with that tokenizer saved beside it.
+    `max_position_embeddings` (the served context) replaces tiny_config's 256."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = tiny_config("llama")
+    if max_position_embeddings is not None:
+        config.max_position_embeddings = max_position_embeddings
     config.vocab_size = VOCAB_SIZE
     config.bos_token_id, config.eos_token_id = 1, 2
     torch.manual_seed(seed)
