@@ -218,7 +218,7 @@ def test_a_disconnect_storm_aborts_every_request_the_engine_accepted(server):
             path, body = "/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
                                                   "messages": [{"role": "user", "content": f"storm {i}"}]}
         requests.append((_raw_request(server.url, path, body), rng.uniform(0, 0.1), i % 3 == 0 and i % 4 == 0))
-    ballast_body = {"max_tokens": 240, "temperature": 0, "ignore_eos": True, "prompt": [1, 2]}
+    ballast_body = {"max_tokens": 500, "temperature": 0, "ignore_eos": True, "prompt": [1, 2]}
 
     async def storm():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),

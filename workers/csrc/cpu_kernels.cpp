@@ -45,12 +45,37 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// y += p * x
-inline void axpy(float* y, float p, const float* x, int64_t n) {
-  const Vec pv(p);
+// out[0:dim] <- sum over t of p[t] * rows[t][0:dim], times `inv` (rows[t] = base + offsets[t]). The sums run in
+// registers over all t, a few vectors of the row at a time, in token order.
+inline void weighted_sum(float* out, const float* p, const float* base, const int64_t* offsets, int64_t len,
+                         int64_t dim, float inv) {
+  const Vec iv(inv);
   int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) at::vec::fmadd(pv, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += p * x[i];
+  for (; i + 4 * kWidth <= dim; i += 4 * kWidth) {
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for (int64_t t = 0; t < len; ++t) {
+      const float* row = base + offsets[t] + i;
+      const Vec pv(p[t]);
+      a0 = at::vec::fmadd(pv, Vec::loadu(row), a0);
+      a1 = at::vec::fmadd(pv, Vec::loadu(row + kWidth), a1);
+      a2 = at::vec::fmadd(pv, Vec::loadu(row + 2 * kWidth), a2);
+      a3 = at::vec::fmadd(pv, Vec::loadu(row + 3 * kWidth), a3);
+    }
+    (a0 * iv).store(out + i);
+    (a1 * iv).store(out + i + kWidth);
+    (a2 * iv).store(out + i + 2 * kWidth);
+    (a3 * iv).store(out + i + 3 * kWidth);
+  }
+  for (; i + kWidth <= dim; i += kWidth) {
+    Vec a(0.f);
+    for (int64_t t = 0; t < len; ++t) a = at::vec::fmadd(Vec(p[t]), Vec::loadu(base + offsets[t] + i), a);
+    (a * iv).store(out + i);
+  }
+  for (; i < dim; ++i) {
+    float a = 0.f;
+    for (int64_t t = 0; t < len; ++t) a += p[t] * base[offsets[t] + i];
+    out[i] = a * inv;
+  }
 }
 
 // scores[0:n] <- exp(scores - max), returns their sum
@@ -116,36 +141,30 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
     TORCH_CHECK(lens[s] >= 1 && (lens[s] + block_size - 1) / block_size <= width, "bad sequence length");
   }
 
-  // One task per sequence: its keys are read block by block, each token's K (all KV heads) one contiguous run.
+  // One task per sequence. Each token's K (all KV heads) is one contiguous run in its block; its offset is found
+  // once. The scores of a head go through a softmax, then its output is the weighted sum of the values.
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(heads * dim), sums(heads);
+    std::vector<float> scores;
+    std::vector<int64_t> offsets;
     for (int64_t s = begin; s < end; ++s) {
       const int64_t len = lens[s], row = row_of[s];
       const int32_t* table = tables + s * width;
       const float* qrow = q + row * qs0;
       scores.resize(heads * len);
+      offsets.resize(len);
       for (int64_t t = 0; t < len; ++t) {
-        const float* k = keys + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
-                                    slot_stride;
+        offsets[t] = (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * slot_stride;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        const float* k = keys + offsets[t];
         for (int64_t h = 0; h < heads; ++h) {
           scores[h * len + t] = dot(qrow + h * qs1, k + (h / group) * dim, dim) * fscale;
         }
       }
-      for (int64_t h = 0; h < heads; ++h) sums[h] = exp_shifted(scores.data() + h * len, len);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* v = values + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
-                                      slot_stride;
-        for (int64_t h = 0; h < heads; ++h) {
-          axpy(acc.data() + h * dim, scores[h * len + t], v + (h / group) * dim, dim);
-        }
-      }
       for (int64_t h = 0; h < heads; ++h) {
-        float* orow = o + row * os0 + h * os1;
-        const Vec inv(1.f / sums[h]);
-        int64_t i = 0;
-        for (; i + kWidth <= dim; i += kWidth) (Vec::loadu(acc.data() + h * dim + i) * inv).store(orow + i);
-        for (; i < dim; ++i) orow[i] = acc[h * dim + i] / sums[h];
+        const float* p = scores.data() + h * len;
+        const float sum = exp_shifted(scores.data() + h * len, len);
+        weighted_sum(o + row * os0 + h * os1, p, values + (h / group) * dim, offsets.data(), len, dim, 1.f / sum);
       }
     }
   });
