@@ -53,6 +53,7 @@ CASES = [
     Case("mixed_gqa3_bs16_multitile", (1, 45, 1, 2), (40, 60, 17, 2), 6, 3, 32, 16, strided_query=True),
     Case("decode_mha_long_bs16", (1, 1, 1), (150, 64, 33), 2, 2, 64, 16),
     Case("prefill_mqa_bs4_odd_head_dim", (13, 3), (13, 20), 4, 1, 24, 4),
+    Case("decode_gqa2_odd_head_dim", (1, 1, 1), (37, 16, 5), 4, 2, 24, 4),  # the CPU kernel's masked 16-key dots
     Case("mixed_gqa4_bs64", (1, 70, 1), (200, 90, 65), 8, 2, 16, 64),
     Case("mixed_gqa2_bs128", (1, 3), (300, 131), 4, 2, 32, 128),
     Case("decode_long_context_gqa2", (1, 1), (600, 530), 4, 2, 16, 16),

@@ -45,6 +45,41 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The sums of 16 vectors' lanes, as one vector (lane j: the sum of a[j]): a tree of shuffles and adds, about a
+// quarter of the work of 16 separate horizontal sums.
+inline __m512 sum16(const __m512* a) {
+  __m512 quads[4];  // quads[g]: lane group L holds the 4-lane sums of a[4g..4g+3] over lanes 4L..4L+3
+  for (int g = 0; g < 4; ++g) {
+    const __m512* v = a + 4 * g;
+    const __m512 b01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    const __m512 b23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    quads[g] = _mm512_add_ps(_mm512_shuffle_ps(b01, b23, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b01, b23, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// out[j] <- scale * (q . rows[j][0:dim]) for 16 rows (rows[j] = base + offsets[j])
+inline void dot16(float* out, const float* q, const float* base, const int64_t* offsets, int64_t dim, float scale) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dim; i += 16) {
+    const __mmask16 m = dim - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (dim - i)) - 1);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, base + offsets[j] + i), acc[j]);
+  }
+  _mm512_storeu_ps(out, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+}
+#endif
+
 // out[0:dim] <- sum over t of p[t] * rows[t][0:dim], times `inv` (rows[t] = base + offsets[t]). The sums run in
 // registers over all t, a few vectors of the row at a time, in token order.
 inline void weighted_sum(float* out, const float* p, const float* base, const int64_t* offsets, int64_t len,
@@ -152,14 +187,19 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
       const float* qrow = q + row * qs0;
       scores.resize(heads * len);
       offsets.resize(len);
-      for (int64_t t = 0; t < len; ++t) {
-        offsets[t] = (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * slot_stride;
+      for (int64_t t = 0, b = 0; t < len; ++b) {  // block by block: no division per token
+        const int64_t first = static_cast<int64_t>(table[b]) * block_size * slot_stride;
+        for (int64_t i = 0; i < block_size && t < len; ++i, ++t) offsets[t] = first + i * slot_stride;
       }
-      for (int64_t t = 0; t < len; ++t) {
-        const float* k = keys + offsets[t];
-        for (int64_t h = 0; h < heads; ++h) {
-          scores[h * len + t] = dot(qrow + h * qs1, k + (h / group) * dim, dim) * fscale;
-        }
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qh = qrow + h * qs1;
+        const float* k = keys + (h / group) * dim;
+        float* sc = scores.data() + h * len;
+        int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        for (; t + 16 <= len; t += 16) dot16(sc + t, qh, k, offsets.data() + t, dim, fscale);
+#endif
+        for (; t < len; ++t) sc[t] = dot(qh, k + offsets[t], dim) * fscale;
       }
       for (int64_t h = 0; h < heads; ++h) {
         const float* p = scores.data() + h * len;
