@@ -259,11 +259,12 @@ def test_load_use_and_unload_a_prefix_while_a_request_runs_on_it(server, stack, 
     assert status == 200, body
     assert json.loads(body)["num_virtual_tokens"] == 3
     offline.load_prefix("task20", path)
-    want = greedy(offline, ["ahoy"], "task20", max_tokens=100, ignore_eos=True)[0]
+    # 200 tokens (was 100): the stream must outlast the three HTTP calls below, and the tiny model is fast
+    want = greedy(offline, ["ahoy"], "task20", max_tokens=200, ignore_eos=True)[0]
     assert "task20" in {m.id for m in sync.models.list().data}
 
     resident_before = engine_state(server)["resident_prefixes"]
-    stream = sync.completions.create(model="task20", prompt="ahoy", max_tokens=100, stream=True,
+    stream = sync.completions.create(model="task20", prompt="ahoy", max_tokens=200, stream=True,
                                      extra_body={"ignore_eos": True, "return_token_ids": True}, **GREEDY)
     chunks = [next(stream)]
     assert engine_state(server)["requests"] == 1  # the first token was flushed long before the last
