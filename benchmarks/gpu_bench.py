@@ -4,6 +4,7 @@
     PYTHONPATH=. python -m benchmarks.gpu_bench ours    --dir DIR --out J      # + copy bandwidth, step timing
     PYTHONPATH=. python -m benchmarks.gpu_bench peft    --dir DIR --out J
     PYTHONPATH=. python -m benchmarks.gpu_bench cb      --dir DIR --out J
+    PYTHONPATH=. python -m benchmarks.gpu_bench scale   --dir DIR --out J      # 10,000 registered prefixes
     PYTHONPATH=. python -m benchmarks.gpu_bench summary --results RESULTS_DIR    # the table (no torch needed)
 
 Model: a random-weight Llama, hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocabulary 32000,
@@ -21,6 +22,14 @@ Baselines, each in its own process on the same GPU:
 - transformers' continuous batching: `model.generate_batch` over --cb-requests prompts, no prefix. Its rate is
   taken from its own request timestamps (first request created -> last finished), so its warm-up and CUDA-graph
   capture are not counted against it; the whole call's rate is reported too.
+
+Scale (issue 18): 10,000 prefixes registered (`--scale-prefixes`; directories of hard links to the 256 prefixes'
+files, so each is its own prefix with its own KV blocks, at no extra disk), the workload's requests all on one
+prefix, then spread uniformly, then by Zipf(1.0), alternating for `--scale-rounds` rounds in one engine, every
+resident prefix evicted from the device before each run. The KV cache holds the full batch's own blocks plus room
+for one prefix per running sequence, so the roughly 970 distinct prefixes of a uniform run never fit at once and
+are evicted and read again (from the pinned host tier once they have been read). Reported: each layout's rate
+against the one-prefix run's, and the p99 of the time a request waits for its prefix.
 
 Roofline: the measured device-to-device copy bandwidth (bytes read + written per second), and the decode rate it
 allows: batch / ((weight bytes + batch x average context x KV bytes per token) / bandwidth), at batch = the
@@ -448,6 +457,86 @@ def part_ours(args, work: Workload) -> int:
     return 0
 
 
+def part_scale(args, work: Workload) -> int:
+    import random
+
+    from engine import LLM, SamplingParams
+
+    device = args.device
+    model_dir, prefix_dir = _paths(args.dir)
+    count = args.scale_prefixes
+    block_size = 16
+    blocks_per_seq = -(-(work.prompt + work.new) // block_size)
+    prefix_blocks = -(-work.num_virtual_tokens // block_size)
+    batch = min(args.max_num_seqs, work.requests)
+    kv_blocks = batch * (blocks_per_seq + prefix_blocks)  # the batch's own blocks + one prefix per sequence
+    results = Results(args.out, part="scale", workload=asdict(work), registered=count, kv_blocks=kv_blocks,
+                      max_num_seqs=args.max_num_seqs, rounds=args.scale_rounds)
+    sources = sorted(p for p in prefix_dir.iterdir() if (p / "adapter_config.json").is_file())
+    root = Path(args.dir) / f"scale{count}"
+    start = time.perf_counter()
+    for i in range(count):  # hard links: 10,000 registrations of the 256 prefixes' files, no extra disk
+        out = root / f"s{i:05d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sources[i % len(sources)].iterdir():
+            if not (out / f.name).exists():
+                os.link(f, out / f.name)
+    results.put("link_seconds", round(time.perf_counter() - start, 1))
+
+    start = time.perf_counter()
+    llm = LLM(model=str(model_dir), device=device, dtype=_dtype(device), skip_tokenizer_init=True,
+              block_size=block_size, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=kv_blocks)
+    results.put("engine", _engine_info(llm, start))
+    engine = llm.engine
+    start = time.perf_counter()
+    names = engine.register_prefix_dir(str(root))
+    results.put("register_seconds", round(time.perf_counter() - start, 2))
+    print(f"  {len(names)} prefixes registered in {results.data['register_seconds']} s; {kv_blocks} KV blocks "
+          f"({batch} sequences x ({blocks_per_seq} + {prefix_blocks}))", flush=True)
+    rng = random.Random(7)
+    layouts = {"one": [names[0]] * work.requests,
+               "uniform": [rng.choice(names) for _ in range(work.requests)],
+               "zipf": rng.choices(names, weights=[1.0 / (k + 1) for k in range(len(names))], k=work.requests)}
+    params = SamplingParams(max_tokens=work.new, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(work, work.requests, seed=0)]
+    start = time.perf_counter()  # the warm-up compiles every kernel variant and shape the runs use
+    warm = [{"prompt_token_ids": p} for p in _prompts(work, work.requests, seed=1)]
+    llm.generate(warm, params, prefix=layouts["one"], use_tqdm=False)
+    _sync(device)
+    results.put("warmup_seconds", round(time.perf_counter() - start, 1))
+    runs: dict[str, list[dict]] = {label: [] for label in layouts}
+    for round_ in range(args.scale_rounds):
+        for label, assignment in layouts.items():
+            for key in engine.block_manager.resident_prefixes():
+                engine.block_manager.evict_prefix(key)  # every run pays its loads (none is in use here)
+            waits0, loads0 = len(engine.stats.prefix_wait_seconds), engine.stats.prefix_loads
+            evictions0 = engine.block_manager.num_evictions
+            _sync(device)
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, prefix=assignment, use_tqdm=False)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            waits = sorted(engine.stats.prefix_wait_seconds[waits0:])
+            run = {"tok_s": tokens / seconds, "seconds": round(seconds, 3), "tokens": tokens,
+                   "prefixes_used": len(set(assignment)), "prefix_loads": engine.stats.prefix_loads - loads0,
+                   "evictions": engine.block_manager.num_evictions - evictions0,
+                   "wait_p50_ms": round(waits[len(waits) // 2] * 1e3, 2) if waits else 0.0,
+                   "wait_p99_ms": round(waits[min(len(waits) - 1, int(0.99 * len(waits)))] * 1e3, 2) if waits else 0.0}
+            runs[label].append(run)
+            results.put("runs", runs)
+            print(f"  round {round_ + 1}, {label}: {run}", flush=True)
+            if tokens != work.requests * work.new:
+                print(f"FAIL scale {label}: expected {work.requests * work.new} tokens, got {tokens}")
+    best = {label: max(r["tok_s"] for r in rs) for label, rs in runs.items()}
+    results.put("best_tok_s", best)
+    results.put("vs_one", {label: best[label] / best["one"] for label in ("uniform", "zipf")})
+    results.put("ok", True)
+    print(f"  best of {args.scale_rounds}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in best.items()), flush=True)
+    return 0
+
+
 def _kernel_class(name: str) -> str:
     lowered = name.lower()
     if "paged" in lowered or "attn" in lowered or "attention" in lowered:
@@ -726,6 +815,21 @@ def _throughput_rows(results_dir: Path) -> list[tuple[str, str, str]]:
     if overlapped.get("tok_s"):
         note = f"{overlapped['tok_s'] / ours_tok_s:.2f}x one step at a time" if ours_tok_s else ""
         rows.append(("ours with async scheduling", f"{overlapped['tok_s']:,.0f} tok/s", note))
+    scale = _load(results_dir, "scale")
+    if scale.get("best_tok_s"):
+        base, runs = scale["best_tok_s"]["one"], scale.get("runs", {})
+        requests = scale.get("workload", {}).get("requests", "?")
+        rows.append((f"scale: {scale['registered']:,} registered, {requests} req on one prefix",
+                     f"{base:,.0f} tok/s", f"{scale['kv_blocks']} KV blocks; best of {scale.get('rounds', '?')}"))
+        for label in ("uniform", "zipf"):
+            ratio = scale["best_tok_s"][label] / base
+            worst = max(runs.get(label, [{}]), key=lambda r: r.get("wait_p99_ms", 0))
+            rows.append((f"scale: spread {label} ({worst.get('prefixes_used', '?')} prefixes used)",
+                         f"{scale['best_tok_s'][label]:,.0f} tok/s",
+                         f"{ratio:.2f}x one prefix (target >= 0.95x) {_verdict(ratio >= 0.95)}; prefix wait p99 "
+                         f"{worst.get('wait_p99_ms', '?')} ms; {worst.get('evictions', '?')} evictions"))
+    elif (results_dir / "scale.json").exists():
+        rows.append(("scale: 10,000 prefixes", "no result", "FAIL"))
     extra = _load(results_dir, "ours512").get("run", {})
     if extra.get("tok_s"):
         note = ""
@@ -755,7 +859,7 @@ def part_summary(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["setup", "ours", "peft", "cb", "summary"])
+    parser.add_argument("part", choices=["setup", "ours", "peft", "cb", "scale", "summary"])
     parser.add_argument("--dir", default="/tmp/prefix_serve_gpu_bench", help="model and prefixes")
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument("--results", default=None, help="summary: the directory of the parts' JSON files")
@@ -774,12 +878,14 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--peft-batch", type=int, default=256)
     parser.add_argument("--cb-requests", type=int, default=512)
+    parser.add_argument("--scale-prefixes", type=int, default=10_000, help="scale: prefixes registered")
+    parser.add_argument("--scale-rounds", type=int, default=2, help="scale: rounds of the three layouts")
     args = parser.parse_args()
     if args.part == "summary":
         return part_summary(args)
     _quiet_transformers()
     work = SMALL if args.small else FULL
-    part = {"setup": part_setup, "ours": part_ours, "peft": part_peft, "cb": part_cb}[args.part]
+    part = {"setup": part_setup, "ours": part_ours, "peft": part_peft, "cb": part_cb, "scale": part_scale}[args.part]
     try:
         return part(args, work)
     except Exception as exc:  # noqa: BLE001 - the shell script goes on to the next part either way

@@ -19,6 +19,9 @@
 #                whether it should be on by default on GPUs (never run yet)                ~20 s
 #   5. peft      PEFT generate, one prefix, batch 256                                      21 s
 #   6. cb        transformers generate_batch, 512 requests, no prefix                     35 s
+#   -  scale     10,000 registered prefixes (hard links to the 256): the workload on one prefix, then
+#                uniform, then Zipf, 2 rounds in one engine with a KV cache too small for all the
+#                prefixes in use; rate against one prefix, prefix wait p99 (never run; ~60 s estimated)
 #   7. ours1     ours with decode_steps=1 (one forward per engine step), for the runs' gain  18 s
 #   8. ours_plain  decode_steps=1 and Hugging Face's layers (--fused-layers off): the engine of the
 #                earlier runs, for the fused layers' gain; with its own kernel profile       21 s
@@ -101,6 +104,7 @@ run_part peft 70 "$PY" -m benchmarks.gpu_bench peft --dir "$WORK" --out "$OUT/pe
 CB_REQUESTS=512
 if [ $(( BUDGET - $(elapsed) )) -lt 150 ]; then CB_REQUESTS=256; fi
 run_part cb 120 "$PY" -m benchmarks.gpu_bench cb --dir "$WORK" --out "$OUT/cb.json" --cb-requests "$CB_REQUESTS"
+run_part scale 120 "$PY" -m benchmarks.gpu_bench scale --dir "$WORK" --out "$OUT/scale.json" --max-num-seqs 256
 if [ $(( BUDGET - $(elapsed) )) -gt 100 ]; then
   run_part ours1 90 "$PY" -m benchmarks.gpu_bench ours --dir "$WORK" --out "$OUT/ours1.json" --max-num-seqs 256 \
     --decode-steps 1 --no-profile

@@ -93,9 +93,17 @@ def test_gpu_bench_small_on_cpu_runs_ours_with_decode_runs_and_the_summary(tmp_p
          "--decode-steps", "4", "--async-scheduling", "--no-profile")  # gpu_check.sh's ours_async part
     overlapped = json.loads((out / "ours_async.json").read_text())
     assert overlapped["async_scheduling"] and overlapped["run"]["tokens"] == run["tokens"]
+    part("scale", "--small", "--device", "cpu", "--dir", str(work), "--out", str(out / "scale.json"),
+         "--scale-prefixes", "40", "--scale-rounds", "1")  # gpu_check.sh's scale part
+    scale = json.loads((out / "scale.json").read_text())
+    assert scale["registered"] == 40 and set(scale["runs"]) == {"one", "uniform", "zipf"}
+    for label, (got,) in scale["runs"].items():
+        assert got["tokens"] == 24 * 8 and got["prefix_loads"] == got["prefixes_used"], (label, got)
+    assert scale["runs"]["one"][0]["prefixes_used"] == 1 and scale["runs"]["uniform"][0]["prefixes_used"] > 8
     table = part("summary", "--results", str(out))
     assert "decode runs <= 4" in table and "kernels of one eager decode step" in table
     assert "rows per forward" in table and "ours with async scheduling" in table
+    assert "scale: 40 registered, 24 req on one prefix" in table and "scale: spread zipf" in table
 
 
 def test_gpu_bench_bandwidths_and_the_roofline_rows_of_the_summary(tmp_path):
