@@ -1,5 +1,6 @@
 """Where a workload-1 run spends its time: per-step wall time split into prefill and decode, the model forward's
-share of it, and torch.profiler's top operators for one decode step.
+share of it, torch.profiler's top operators for three decode steps, and the time per call of the C++ kernels and
+the packed linear layers over ten more.
 
     python -m benchmarks.profile_cpu [--threads N] [--ops 15]
 
@@ -94,6 +95,54 @@ def main() -> None:
         runner.execute = execute
         table = prof.key_averages(group_by_input_shape=args.shapes)
         print(table.table(sort_by="self_cpu_time_total", row_limit=args.ops))
+        _kernel_timers(llm, runner, steps=10)
+
+
+def _kernel_timers(llm, runner, steps: int) -> None:
+    """Wall time per call of the C++ kernels and the packed linear layers over `steps` more decode steps (the
+    profiler above does not see calls into the extension module)."""
+    import workers.model_runner as model_runner
+    from workers import cpu_kernels
+
+    totals: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            entry = totals.setdefault(name, [0.0, 0])
+            entry[0] += time.perf_counter() - start
+            entry[1] += 1
+            return out
+        return wrapper
+
+    module = cpu_kernels.load()
+    patched = []
+    if module is not None:
+        for name in ("decode_attention", "add_rmsnorm", "rope_write", "silu_mul"):
+            patched.append((module, name, getattr(module, name)))
+    if getattr(runner, "fused", None) is not None:
+        patched.append((runner.fused, "linear", runner.fused.linear))
+    patched.append((model_runner, "_onednn_linear", model_runner._onednn_linear))
+    labels = {"linear": "linear qkv, gate_up", "_onednn_linear": "linear o, down, head"}
+    for owner, name, fn in patched:
+        setattr(owner, name, timed(labels.get(name, name), fn))
+    try:
+        start = time.perf_counter()
+        done = 0
+        while done < steps and llm.engine.has_unfinished_requests():
+            llm.engine.step()
+            done += 1
+        wall = time.perf_counter() - start
+    finally:
+        for owner, name, fn in patched:
+            setattr(owner, name, fn)
+    if not done:
+        return
+    print(f"kernel and linear-layer calls over {done} more engine steps: {1000 * wall / done:.1f} ms per step")
+    for name, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {name:20s} {1000 * seconds / done:7.2f} ms/step {calls / done:6.0f} calls/step "
+              f"{1e6 * seconds / calls:8.0f} us/call")
 
 
 if __name__ == "__main__":
