@@ -101,8 +101,7 @@ def main() -> None:
 def _kernel_timers(llm, runner, steps: int) -> None:
     """Wall time per call of the C++ kernels and the packed linear layers over `steps` more decode steps (the
     profiler above does not see calls into the extension module)."""
-    import workers.model_runner as model_runner
-    from workers import cpu_kernels
+    from workers import cpu_kernels, model_runner
 
     totals: dict[str, list[float]] = {}
 
