@@ -28,7 +28,7 @@ files, so each is its own prefix with its own KV blocks, at no extra disk), the 
 prefix, then spread uniformly, then by Zipf(1.0), alternating for `--scale-rounds` rounds in one engine, every
 resident prefix evicted from the device before each run. The KV cache holds the full batch's own blocks plus room
 for one prefix per running sequence, so the roughly 970 distinct prefixes of a uniform run never fit at once and
-are evicted and read again (from the pinned host tier once they have been read). Reported: each layout's rate
+are evicted and loaded again (from the host prefix tier where it still holds them). Reported: each layout's rate
 against the one-prefix run's, and the p99 of the time a request waits for its prefix.
 
 Roofline: the measured device-to-device copy bandwidth (bytes read + written per second), and the decode rate it

@@ -303,8 +303,9 @@ def _request_strategy(spec: dict, operation: tuple, stack):
     paths = st.one_of(st.sampled_from([str(stack / "loadable" / "task20"), str(stack / "outside" / "task30"),
                                        str(stack / "loadable") + "/../outside/task30", "/a" * 3000,
                                        "/" + "b" * 300, "relative", "/x\x00y", "/\udc80"]), texts)
+    too_long = [300] * (MAX_MODEL_LEN + 1)
     prompts = st.one_of(texts, st.lists(st.integers(0, 319), min_size=1, max_size=8),
-                        st.lists(texts, min_size=1, max_size=3), st.sampled_from([[300] * (MAX_MODEL_LEN + 1), [400], [-1], []]))
+                        st.lists(texts, min_size=1, max_size=3), st.sampled_from([too_long, [400], [-1], []]))
     overrides = {"model": names, "prefix_path": paths, "prefix_name": safe_names, "prompt": prompts,
                  "max_tokens": st.integers(1, 8), "max_completion_tokens": st.integers(1, 8),
                  "n": st.integers(1, 3), "best_of": st.integers(1, 3)}
