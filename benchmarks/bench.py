@@ -23,7 +23,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Timer, parse_engine_args, peak_rss_mb, random_prompts, run_in_child, write_random_prefix
+from benchmarks.common import (
+    Timer,
+    parse_engine_args,
+    peak_rss_mb,
+    percentile_ms,
+    prefix_assignment,
+    random_prompts,
+    run_in_child,
+    write_random_prefix,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -182,7 +191,8 @@ def _paired_scaling(task: dict) -> dict:
     names = llm.engine.register_prefix_dir(task["prefix_root"])
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
     rng = random.Random(task["seed"])
-    layouts = {"one": [names[0]] * len(prompts), "spread": [rng.choice(names) for _ in prompts]}
+    layouts = {"one": prefix_assignment(names, len(prompts), "one", rng),
+               "spread": prefix_assignment(names, len(prompts), "uniform", rng)}
     params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2), prefix=layouts["one"][:2], use_tqdm=False)
     rates: dict[str, list[float]] = {"one": [], "spread": []}
@@ -206,11 +216,7 @@ def _ours_scaling(task: dict) -> dict:
     with Timer() as reg:
         names = engine.register_prefix_dir(task["prefix_root"])
     rng = random.Random(task["seed"])
-    if task["distribution"] == "zipf":
-        weights = [1.0 / (k + 1) for k in range(len(names))]
-        chosen = rng.choices(names, weights=weights, k=len(task["prompts"]))
-    else:
-        chosen = [rng.choice(names) for _ in task["prompts"]]
+    chosen = prefix_assignment(names, len(task["prompts"]), task["distribution"], rng)
     params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     max_prefix_blocks = 0
@@ -225,15 +231,12 @@ def _ours_scaling(task: dict) -> dict:
             max_prefix_blocks = max(max_prefix_blocks, engine.block_manager.prefix_blocks())
     loads, waits = sorted(engine.stats.prefix_load_seconds), sorted(engine.stats.prefix_wait_seconds)
 
-    def pct(values, q):
-        return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else 0.0
-
     return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(), "registered": len(names),
             "register_seconds": reg.seconds, "distinct_used": len(set(chosen)),
             "max_prefix_blocks": max_prefix_blocks, "prefix_loads": engine.stats.prefix_loads,
             "kv_blocks": engine.block_manager.num_blocks, "prefix_evictions": engine.block_manager.num_evictions,
-            "load_p50_ms": pct(loads, 0.5), "load_p99_ms": pct(loads, 0.99), "waits": len(waits),
-            "wait_p50_ms": pct(waits, 0.5), "wait_p99_ms": pct(waits, 0.99)}
+            "load_p50_ms": percentile_ms(loads, 0.5), "load_p99_ms": percentile_ms(loads, 0.99),
+            "waits": len(waits), "wait_p50_ms": percentile_ms(waits, 0.5), "wait_p99_ms": percentile_ms(waits, 0.99)}
 
 
 # ---- parent -----------------------------------------------------------------------------------------------------

@@ -116,3 +116,20 @@ def parse_engine_args(text: str) -> dict:
         except (ValueError, SyntaxError):
             fields[name.strip()] = value.strip()
     return fields
+
+
+def prefix_assignment(names: list[str], count: int, distribution: str, rng) -> list[str]:
+    """The prefix of each of `count` requests: all the first name ("one"), drawn uniformly ("uniform"), or by
+    Zipf(1.0) over the names in order ("zipf"), from the `random.Random` given."""
+    if distribution == "one":
+        return [names[0]] * count
+    if distribution == "zipf":
+        return rng.choices(names, weights=[1.0 / (k + 1) for k in range(len(names))], k=count)
+    return [rng.choice(names) for _ in range(count)]
+
+
+def percentile_ms(sorted_seconds: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of ascending durations in seconds, in ms; 0 for none."""
+    if not sorted_seconds:
+        return 0.0
+    return sorted_seconds[min(len(sorted_seconds) - 1, int(q * len(sorted_seconds)))] * 1000

@@ -460,6 +460,7 @@ def part_ours(args, work: Workload) -> int:
 def part_scale(args, work: Workload) -> int:
     import random
 
+    from benchmarks.common import percentile_ms, prefix_assignment
     from engine import LLM, SamplingParams
 
     device = args.device
@@ -495,9 +496,7 @@ def part_scale(args, work: Workload) -> int:
     print(f"  {len(names)} prefixes registered in {results.data['register_seconds']} s; {kv_blocks} KV blocks "
           f"({batch} sequences x ({blocks_per_seq} + {prefix_blocks}))", flush=True)
     rng = random.Random(7)
-    layouts = {"one": [names[0]] * work.requests,
-               "uniform": [rng.choice(names) for _ in range(work.requests)],
-               "zipf": rng.choices(names, weights=[1.0 / (k + 1) for k in range(len(names))], k=work.requests)}
+    layouts = {layout: prefix_assignment(names, work.requests, layout, rng) for layout in ("one", "uniform", "zipf")}
     params = SamplingParams(max_tokens=work.new, temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _prompts(work, work.requests, seed=0)]
     start = time.perf_counter()  # the warm-up compiles every kernel variant and shape the runs use
@@ -522,8 +521,8 @@ def part_scale(args, work: Workload) -> int:
             run = {"tok_s": tokens / seconds, "seconds": round(seconds, 3), "tokens": tokens,
                    "prefixes_used": len(set(assignment)), "prefix_loads": engine.stats.prefix_loads - loads0,
                    "evictions": engine.block_manager.num_evictions - evictions0,
-                   "wait_p50_ms": round(waits[len(waits) // 2] * 1e3, 2) if waits else 0.0,
-                   "wait_p99_ms": round(waits[min(len(waits) - 1, int(0.99 * len(waits)))] * 1e3, 2) if waits else 0.0}
+                   "wait_p50_ms": round(percentile_ms(waits, 0.5), 2),
+                   "wait_p99_ms": round(percentile_ms(waits, 0.99), 2)}
             runs[label].append(run)
             results.put("runs", runs)
             print(f"  round {round_ + 1}, {label}: {run}", flush=True)

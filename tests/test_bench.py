@@ -10,6 +10,23 @@ from benchmarks import bench
 from engine.cli import build_parser
 
 
+def test_engine_args_and_prefix_layouts_of_the_benchmarks():
+    import random
+
+    from benchmarks.common import parse_engine_args, percentile_ms, prefix_assignment
+
+    assert parse_engine_args("fused_layers=off,decode_steps=4,async_scheduling=True") == {
+        "fused_layers": "off", "decode_steps": 4, "async_scheduling": True}
+    with pytest.raises(SystemExit, match="expected FIELD=VALUE, got 'fused_layers'"):
+        parse_engine_args("fused_layers")
+    names = [f"p{i}" for i in range(100)]
+    assert prefix_assignment(names, 3, "one", random.Random(0)) == ["p0"] * 3
+    uniform = prefix_assignment(names, 2000, "uniform", random.Random(0))
+    zipf = prefix_assignment(names, 2000, "zipf", random.Random(0))
+    assert 300 < zipf.count("p0") < 480 and uniform.count("p0") < 60  # Zipf(1.0): p0 is 1 / H(100), about 19%
+    assert percentile_ms([0.001, 0.002, 0.003, 0.004], 0.5) == 3.0 and percentile_ms([], 0.99) == 0.0
+
+
 def _run(tmp_path, *argv) -> dict:
     out = tmp_path / "results.json"
     argv = ["bench", *argv, "--max-tokens", "2", "--threads", "1", "--json", str(out)]

@@ -66,6 +66,30 @@ def test_cpu_backend_runs_other_dtypes_through_the_reference(kernels):
                                atol=3e-2, rtol=3e-2)
 
 
+def test_without_the_kernels_the_torch_formulations_run_and_the_log_says_why(monkeypatch, caplog):
+    """Turned off, or a failed build: load() is None, the warning names the reason (a compiler's first error
+    line), and the CPU default attention backend is the torch reference."""
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("PREFIX_SERVE_CPU_KERNELS", "0")
+    with caplog.at_level("WARNING", logger="prefix_serve.cpu_kernels"):
+        assert cpu_kernels.load() is None
+    assert cpu_kernels.failure() == "turned off by PREFIX_SERVE_CPU_KERNELS=0"
+    assert "the torch formulations run (slower): turned off by PREFIX_SERVE_CPU_KERNELS=0" in caplog.text
+    assert default_backend_name("cpu") == "torch"
+
+    def broken_build():
+        raise RuntimeError("ninja: build stopped\ncpu_kernels.cpp:12:3: error: 'foo' was not declared\nmore")
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.delenv("PREFIX_SERVE_CPU_KERNELS")
+    monkeypatch.setattr(cpu_kernels, "_build", broken_build)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prefix_serve.cpu_kernels"):
+        assert cpu_kernels.load() is None
+    assert cpu_kernels.failure() == "RuntimeError: cpu_kernels.cpp:12:3: error: 'foo' was not declared"
+    assert "error: 'foo' was not declared" in caplog.text
+
+
 def test_decode_kernel_rejects_bad_lengths_instead_of_reading_past_the_table(kernels):
     case = CASES[2]  # decode only
     query, key_cache, value_cache, meta = make_batch(case)

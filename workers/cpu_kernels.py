@@ -3,7 +3,7 @@ builder and cached (under $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_exten
 on a machine pays the build (about 20 s on 2 cores).
 
 - `decode_attention`: each decode token attends over its sequence's keys read straight from the cache blocks, one
-  task per (sequence, KV head), instead of gathering every sequence's K/V into a padded copy for SDPA;
+  task per sequence, instead of gathering every sequence's K/V into a padded copy for SDPA;
 - `add_rmsnorm`, `rope_write`, `silu_mul`: the element-wise parts of a Llama-family layer, one pass over their
   rows each (the fused decoder's `CppOps`).
 

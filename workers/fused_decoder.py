@@ -10,8 +10,9 @@ activation. The same layer here is about 9 kernels (plus whatever the attention 
 The q/k/v and gate/up weights are concatenated once at start-up and the modules' own parameters become views of
 the concatenation, so no weight is held twice. The element-wise ops come from `workers.fused_ops` (Triton
 kernels on GPUs, C++ kernels on CPUs, Hugging Face's torch formulas where neither is usable); the rotary kernel
-also writes the rotated keys and the values into their cache slots. Everything else (embedding, rotary cos/sin, the final norm's weight,
-the LM head) is the model's own module, so rope scaling variants and tied embeddings behave as in Hugging Face.
+also writes the rotated keys and the values into their cache slots. Everything else (embedding, rotary cos/sin,
+the final norm's weight, the LM head) is the model's own module, so rope scaling variants and tied embeddings
+behave as in Hugging Face.
 
 `EngineConfig.fused_layers` (`--fused-layers`) is auto|on|off (default auto: on for CUDA devices, and on CPUs
 where prefix-serve's C++ kernels build; `on` elsewhere runs the torch formulas). A model that does not fit
@@ -75,7 +76,7 @@ class FusedDecoder:
         decoder = model.model
         config = model.config
         self.ops = ops
-        self.linear = F.linear  # (x, weight, bias); `pack_cpu_weights` swaps in oneDNN's packed form
+        self.linear = F.linear  # (x, weight, bias); `pack_weights` swaps in oneDNN's packed form
         self.embed_tokens = decoder.embed_tokens
         self.rotary_emb = decoder.rotary_emb
         self.norm = decoder.norm
