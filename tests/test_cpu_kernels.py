@@ -31,8 +31,8 @@ def test_the_cpu_backend_is_the_default_on_cpu(kernels):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.dtype == "float32"], ids=lambda c: c.name)
 def test_cpu_backend_matches_the_reference(kernels, case):
-    """Decode rows through the kernel, prefill chunks through the reference; poisoned slots catch any read past a
-    sequence's length or through a padded block-table entry."""
+    """Decode rows and short prefill chunks through the kernel; poisoned slots catch any read past a sequence's
+    length or through a padded block-table entry."""
     query, key_cache, value_cache, meta = make_batch(case)
     expected = reference_output(case, query, key_cache, value_cache, meta)
     backend = CpuPagedAttention(case.num_heads, case.num_kv_heads, case.head_dim, case.head_dim ** -0.5)
@@ -40,18 +40,23 @@ def test_cpu_backend_matches_the_reference(kernels, case):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("factor", [0.0, 1e9], ids=["one_call_per_chunk", "all_chunks_batched"])
-def test_prefill_chunks_batched_or_not_match_the_reference(kernels, factor, monkeypatch):
+@pytest.mark.parametrize("limit", [0, 10**9], ids=["prefill_chunks_through_sdpa", "all_rows_through_the_kernel"])
+def test_prefill_chunks_through_the_kernel_or_sdpa_match_the_reference(kernels, limit, monkeypatch):
+    """A prefill chunk up to KERNEL_MAX_PAIRS (query, key) pairs is one kernel row per token, each with its own
+    causal length; a longer one runs through SDPA. Decode rows take the kernel either way."""
     from workers.attention import cpu_paged
 
-    monkeypatch.setattr(cpu_paged, "MAX_PADDING_FACTOR", factor)
-    multi = [c for c in CASES if c.dtype == "float32" and sum(q > 1 for q in c.query_lens) > 1]
-    assert multi
-    for case in multi:
+    monkeypatch.setattr(cpu_paged, "KERNEL_MAX_PAIRS", limit)
+    cases = [c for c in CASES if c.dtype == "float32" and any(q > 1 for q in c.query_lens)]
+    assert cases
+    for case in cases:
         query, key_cache, value_cache, meta = make_batch(case)
         backend = CpuPagedAttention(case.num_heads, case.num_kv_heads, case.head_dim, case.head_dim ** -0.5)
         meta.plan = backend.plan(meta)
-        assert (meta.plan.batched is not None) == (factor > 0)
+        chunks = sum(q > 1 for q in case.query_lens)
+        assert len(meta.plan.prefills) == (chunks if limit == 0 else 0)
+        kernel_rows = 0 if meta.plan.rows is None else len(meta.plan.rows)
+        assert kernel_rows == sum(q for q in case.query_lens if q == 1 or limit > 0)
         got = backend.forward(query, key_cache, value_cache, meta)
         torch.testing.assert_close(got, reference_output(case, query, key_cache, value_cache, meta), atol=1e-5,
                                    rtol=1e-5)

@@ -38,7 +38,8 @@ class TorchPagedAttention(AttentionBackend):
         return True
 
     def plan(self, meta: AttentionMetadata) -> _Plan:
-        decode_idx, prefills = self._plan_prefills(meta)
+        decode_idx = [s for s, q_len in enumerate(meta.query_lens_list) if q_len == 1]
+        prefills = self._plan_prefills(meta, [s for s, q_len in enumerate(meta.query_lens_list) if q_len > 1])
         if not decode_idx:
             return _Plan(None, None, None, prefills)
         # all decode rows at once: [Bd, max_len] slots from the padded block tables, masked past each length
@@ -52,19 +53,17 @@ class TorchPagedAttention(AttentionBackend):
         return _Plan(packed_rows, slots, mask, prefills)
 
     @staticmethod
-    def _plan_prefills(meta: AttentionMetadata) -> tuple[list[int], list]:
-        """(the decode sequences' indices, each prefill chunk's (row_start, row_end, slots, causal mask))."""
+    def _plan_prefills(meta: AttentionMetadata, sequences: list[int]) -> list:
+        """Each listed sequence's chunk as (row_start, row_end, slots, causal mask)."""
         starts = meta.query_start_loc.tolist()
-        decode_idx, prefills = [], []
-        for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
-            if q_len == 1:
-                decode_idx.append(s)
-                continue
+        prefills = []
+        for s in sequences:
+            q_len, seq_len = meta.query_lens_list[s], meta.seq_lens_list[s]
             slots = sequence_slots(meta.block_tables[s], seq_len, meta.block_size)
             key_pos = torch.arange(seq_len, device=slots.device)
             query_pos = seq_len - q_len + torch.arange(q_len, device=slots.device)
             prefills.append((starts[s], starts[s] + q_len, slots, key_pos[None, :] <= query_pos[:, None]))
-        return decode_idx, prefills
+        return prefills
 
     def forward(self, query, key_cache, value_cache, meta):
         out = torch.empty_like(query)
