@@ -99,7 +99,7 @@ class EngineCore:
             attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
             cuda_graph_sizes=config.cuda_graph_sizes, cuda_graph_memory_mb=config.cuda_graph_memory_mb,
             fused_layers=config.fused_layers, prefix_host_cache_bytes=config.prefix_host_cache_bytes(),
-            cpu_kv_cache_bytes=int(config.cpu_kv_cache_gb * (1 << 30)),
+            cpu_kv_cache_bytes=int(config.cpu_kv_cache_gb * (1 << 30)), kv_cache_prefault=config.kv_cache_prefault,
             gpu_memory_utilization=config.gpu_memory_utilization, tensor_parallel_size=config.tensor_parallel_size)
         if config.tensor_parallel_size > 1:  # a bad split is refused here, before any worker starts
             check_split(hf_config, config.tensor_parallel_size)

@@ -440,6 +440,7 @@ def test_decode_steps_setting_is_checked():
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be"), ({"cpu_kv_cache_gb": 0}, "cpu_kv_cache_gb"),
     ({"cpu_kv_cache_gb": float("inf")}, "cpu_kv_cache_gb must be a finite"), ({"max_num_seqs": True}, "max_num_seqs"),
     ({"prefix_host_cache_gb": -1}, "prefix_host_cache_gb must be"),
+    ({"kv_cache_prefault": "yes"}, "kv_cache_prefault must be True or False, got 'yes'"),
     ({"prefix_host_cache_gb": float("nan")}, "prefix_host_cache_gb must be"),
     ({"cuda_graphs": "sometimes"}, "cuda_graphs must be auto, on or off, got 'sometimes'"),
     ({"cuda_graphs": True}, "cuda_graphs must be auto"), ({"fused_layers": "1"}, "fused_layers must be auto"),

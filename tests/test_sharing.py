@@ -66,6 +66,32 @@ def test_cpu_kv_cache_takes_memory_only_for_blocks_written():
     assert _rss_bytes() - before < 16 << 20  # two blocks written, not the whole cache
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux /proc")
+def test_a_prefaulted_cpu_kv_cache_takes_its_memory_at_startup_and_one_too_large_fails_clearly(tiny_zoo):
+    from engine.errors import InvalidConfigError
+    from workers import kv_cache
+
+    spec = type("Spec", (), {"num_layers": 4, "num_kv_heads": 2, "head_dim": 64})
+    before = _rss_bytes()
+    cache = KVCache(spec, 2048, 16, torch.float32, "cpu", prefault=True)  # 64 MiB
+    assert _rss_bytes() - before > 56 << 20
+    assert cache.data.eq(0).all()
+    too_big = kv_cache.available_memory_bytes() // (4 * 2 * 16 * 2 * 64 * 4) + 1024
+    with pytest.raises(InvalidConfigError, match="lower cpu_kv_cache_gb"):
+        KVCache(spec, too_big, 16, torch.float32, "cpu", prefault=True)
+    del cache
+    entry = tiny_zoo("llama")  # the engine setting reaches the worker's cache: 128 MiB resident, or not
+    for prefault in (False, True):
+        before = _rss_bytes()
+        llm = LLM(model=str(entry["model"]), skip_tokenizer_init=True, cpu_kv_cache_gb=0.125,
+                  kv_cache_prefault=prefault)
+        out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 2
+        grew = _rss_bytes() - before
+        assert grew > 120 << 20 if prefault else grew < 64 << 20, (prefault, grew)
+        del llm, out
+
+
 @pytest.mark.parametrize("size, kept", [(None, 0), (0.01, 1)])
 def test_cpu_keeps_no_host_copy_of_resident_prefixes_by_default(tiny_zoo, size, kept):
     entry = tiny_zoo("llama")

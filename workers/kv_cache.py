@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import InvalidConfigError
 from engine.model_spec import ModelSpec
 from engine.peft_format import ADAPTER_WEIGHTS, TENSOR_NAME, prefix_to_kv
 
@@ -48,6 +49,26 @@ def extend_slots(slots: list[int], table: list[int], start: int, end: int, block
 
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory_bytes() -> int | None:
+    """The kernel's estimate of memory available without swapping (MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_available(nbytes: int) -> None:
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise InvalidConfigError(
+            f"The CPU KV cache needs {nbytes / (1 << 30):.2f} GiB, but only {available / (1 << 30):.2f} GiB of memory "
+            "is available: lower cpu_kv_cache_gb (or num_kv_blocks), or turn kv_cache_prefault off.")
 
 
 class HostPrefixCache:
@@ -94,7 +115,8 @@ class HostPrefixCache:
 
 
 class KVCache:
-    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: str):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
+                 prefault: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
@@ -102,8 +124,13 @@ class KVCache:
             # An anonymous mapping reads as zeros and takes memory only as pages are first written, so RSS
             # follows the blocks in use, not the configured cache size. (Zeros matter: a backend may read a
             # masked-out slot, and a NaN there would survive being multiplied by a zero weight.)
-            self._buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if prefault:
+                _check_available(nbytes)
+            self._buffer = mmap.mmap(-1, nbytes)
             self.data = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
+            if prefault:  # every page written now (by torch's threads), not on a block's first use
+                self.data.zero_()
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
         # each layer's (K, V) views, made once: indexing the cache took about 12 us a call (cProfile), twice a

@@ -42,6 +42,7 @@ class WorkerConfig:
     fused_layers: str
     prefix_host_cache_bytes: int | None = 0  # None: a quarter of this host's memory, at most 64 GiB
     cpu_kv_cache_bytes: int = 2 << 30
+    kv_cache_prefault: bool = False  # CPU: write every page of the KV cache at startup
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1  # ranks of one model; each worker is one rank (workers/parallel.py)
 
@@ -81,7 +82,8 @@ class Worker:
         num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
         # One block more than the engine manages: the model runner's scratch block, which the padding rows of a
         # CUDA-graph decode batch write to. kv_cache.num_blocks stays the count the engine may hand out.
-        self.kv_cache = KVCache(spec, num_blocks + 1, config.block_size, dtype, config.device)
+        self.kv_cache = KVCache(spec, num_blocks + 1, config.block_size, dtype, config.device,
+                                prefault=config.kv_cache_prefault)
         self.kv_cache.num_blocks = num_blocks
         # Chosen here, not in the engine: a Ray worker may see a GPU that the engine's process does not.
         self.attention_backend = config.attention_backend or default_backend_name(config.device)

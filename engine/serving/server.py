@@ -523,6 +523,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Share of GPU memory for weights and KV cache (default: %(default)s).")
     engine.add_argument("--cpu-kv-cache-gb", type=float, default=default["cpu_kv_cache_gb"],
                         help="KV-cache size on CPU, in GiB (default: %(default)s).")
+    engine.add_argument("--kv-cache-prefault", action=argparse.BooleanOptionalAction,
+                        default=default["kv_cache_prefault"],
+                        help="CPU: write every page of the KV cache at startup, so serving never pays a block's "
+                             "first-write page faults and a cache larger than the available memory fails at "
+                             "startup; off, memory is taken as blocks are first used (default: off).")
     engine.add_argument("--prefix-host-cache-gb", type=float, default=default["prefix_host_cache_gb"], metavar="GB",
                         help="GiB of host memory for prefix KV (page-locked on GPUs), so a prefix evicted from the "
                              "device comes back without a disk read; least recently used first out (default: a "
