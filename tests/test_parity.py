@@ -204,3 +204,29 @@ def test_attention_window_reads_each_config_style():
     assert attention_window(tf.Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1,
                                            num_hidden_layers=3)) == 64
     assert attention_window(tf.LlamaConfig()) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linear_layers_through_mkl_match_peft_forward(tiny_zoo, arch, monkeypatch):
+    """Without oneDNN (or on a CPU that is not x86) the linear layers run through MKL and return transposed views,
+    which the fused layers' C++ kernels must take too (before session 24, AVX2 hosts, which then used MKL, failed
+    here)."""
+    from workers import model_runner
+
+    monkeypatch.setattr(model_runner, "onednn_linears_help", lambda: False)
+    entry = tiny_zoo(arch)
+    llm, got = _run(entry, block_size=4)
+    runner = llm.engine.executor.worker.runner
+    assert not any(hasattr(m, "packed_weight") for m in runner.decoder.modules())
+    assert arch == "gpt2" or runner.fused.ops.name == "cpp"
+    assert got == _expected(entry)
+
+
+def test_linear_layers_take_onednn_on_x86_from_avx2_up(monkeypatch):
+    import torch
+
+    from workers.model_runner import onednn_linears_help
+
+    for capability, expected in (("AVX512", True), ("AVX2", True), ("AVX512_AMX", True), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert onednn_linears_help() is (expected and torch.backends.mkldnn.is_available()), capability

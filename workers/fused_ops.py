@@ -80,14 +80,16 @@ class TorchOps:
 
 class CppOps:
     """The C++ kernels of `workers.cpu_kernels` (CPU, fp32): each op one pass over its rows. Anything else (another
-    dtype) takes TorchOps' formula."""
+    dtype) takes TorchOps' formula. The kernels read rows whose last dimension is contiguous; a linear layer run
+    through MKL returns a transposed view (`_weight_major_linear`), so `_rows` copies such an input first."""
     name = "cpp"
 
     @staticmethod
     def add_rmsnorm(x, residual, weight, eps):
         if x.dtype != torch.float32:
             return TorchOps.add_rmsnorm(x, residual, weight, eps)
-        return tuple(cpu_kernels.load().add_rmsnorm(x, residual, weight, eps))
+        residual = None if residual is None else _rows(residual)
+        return tuple(cpu_kernels.load().add_rmsnorm(_rows(x), residual, weight, eps))
 
     @staticmethod
     def rope(q, k, cos, sin):
@@ -103,7 +105,11 @@ class CppOps:
     def silu_mul(gate_up):
         if gate_up.dtype != torch.float32:
             return TorchOps.silu_mul(gate_up)
-        return cpu_kernels.load().silu_mul(gate_up)
+        return cpu_kernels.load().silu_mul(_rows(gate_up))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 if triton is not None:

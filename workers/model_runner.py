@@ -131,11 +131,14 @@ def _weight_major_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
 
 
 def onednn_linears_help() -> bool:
-    """Whether CPU linear layers should run through oneDNN with pre-packed weights. On AVX-512 hosts they ran
-    2.3-2.6x faster than MKL for SmolLM2's shapes at 16-64 rows and 2.3x at 2,048 (one thread, PyTorch 2.13,
-    docs/performance.md); on the AVX2 host measured earlier they were not faster, so elsewhere MKL stays."""
+    """Whether CPU linear layers should run through oneDNN with pre-packed weights: on x86 (AVX2 or better) where
+    PyTorch has oneDNN. On an AVX-512 host they ran 2.3-2.6x faster than MKL for SmolLM2's shapes at 16-64 rows and
+    2.3x at 2,048 (one thread, PyTorch 2.13). With oneDNN held to AVX2 there (`ONEDNN_MAX_CPU_ISA=AVX2`,
+    `ATEN_CPU_CAPABILITY=avx2`), a decode step's 121 products took 84 ms against MKL's 110 ms, and workload 1 ran
+    1.3x faster end to end; an AVX2 host itself was last measured in session 5, one layer at a time, where
+    neither was faster (docs/performance.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return torch.backends.mkldnn.is_available() and (capability.startswith("AVX512") or "AMX" in capability)
+    return torch.backends.mkldnn.is_available() and (capability.startswith(("AVX2", "AVX512")) or "AMX" in capability)
 
 
 def pack_cpu_linears(model) -> int:
