@@ -2,8 +2,9 @@
 builder and cached (under $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), so only the first engine
 on a machine pays the build (about 20 s on 2 cores).
 
-- `decode_attention`: each decode token attends over its sequence's keys read straight from the cache blocks, one
-  task per sequence, instead of gathering every sequence's K/V into a padded copy for SDPA;
+- `decode_attention`: each query row (a decode token, or a token of a short prefill chunk) attends over its
+  sequence's keys up to its own position, read straight from the cache blocks, one task per row, instead of
+  gathering every sequence's K/V into a padded copy for SDPA;
 - `add_rmsnorm`, `rope_write`, `silu_mul`: the element-wise parts of a Llama-family layer, one pass over their
   rows each (the fused decoder's `CppOps`).
 

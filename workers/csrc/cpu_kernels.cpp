@@ -140,10 +140,12 @@ void check_float(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// Decode attention: one query token per sequence against that sequence's cached keys and values.
-// out, query [N, H, D] (row rows[s] of each is sequence s's token); key_cache, value_cache [blocks, block_size,
-// KVH, D] contiguous; block_tables [S, W] int32; seq_lens [S] int32 (keys per sequence, the new one included);
-// rows [S] int64. Query head h reads KV head h / (H / KVH), as in transformers.
+// Paged attention of single query rows: entry s is packed row rows[s] (a decode token, or one token of a short
+// prefill chunk, whose tokens are then one entry each) against the first seq_lens[s] cached keys and values of
+// the sequence whose block table is block_tables[s].
+// out, query [N, H, D]; key_cache, value_cache [blocks, block_size, KVH, D] contiguous; block_tables [S, W]
+// int32; seq_lens [S] int32 (the keys entry s attends to, its own included); rows [S] int64. Query head h reads
+// KV head h / (H / KVH), as in transformers.
 void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                       const at::Tensor& rows, double scale) {
@@ -160,7 +162,7 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
   const int64_t heads = query.size(1), dim = query.size(2);
   const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == dim && heads % kv_heads == 0, "query and cache shapes disagree");
-  TORCH_CHECK(seq_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs, "one row per sequence");
+  TORCH_CHECK(seq_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs, "one block table and length per row");
   const int64_t group = heads / kv_heads, width = block_tables.size(1);
   const float* q = query.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -176,7 +178,7 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
     TORCH_CHECK(lens[s] >= 1 && (lens[s] + block_size - 1) / block_size <= width, "bad sequence length");
   }
 
-  // One task per sequence. Each token's K (all KV heads) is one contiguous run in its block; its offset is found
+  // One task per row. Each token's K (all KV heads) is one contiguous run in its block; its offset is found
   // once. The scores of a head go through a softmax, then its output is the weighted sum of the values.
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
