@@ -103,7 +103,10 @@ def test_decode_kernel_rejects_bad_lengths_instead_of_reading_past_the_table(ker
     lens[0] = meta.block_tables.shape[1] * case.block_size + 1  # one key past the table's last block
     with pytest.raises(RuntimeError, match="bad sequence length"):
         kernels.decode_attention(torch.empty_like(query), query, key_cache, value_cache, meta.block_tables, lens,
-                                 rows, 0.1)
+                                 rows, rows, 0.1)
+    with pytest.raises(RuntimeError, match="table row out of range"):
+        kernels.decode_attention(torch.empty_like(query), query, key_cache, value_cache, meta.block_tables,
+                                 meta.seq_lens, rows, rows + 1, 0.1)
 
 
 @pytest.mark.parametrize("shape", [(9, 3, 64, 576), (4, 1, 16, 40), (6, 2, 24, 96)])

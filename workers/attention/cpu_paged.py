@@ -34,7 +34,8 @@ KERNEL_MAX_PAIRS = 48 * 1024
 class _CpuPlan:
     meta: AttentionMetadata
     rows: torch.Tensor | None  # [R] int64: the packed rows that go through the kernel
-    block_tables: torch.Tensor | None  # [R, W] int32: each row's sequence's block table
+    table_rows: torch.Tensor | None  # [R] int64: each row's sequence, its row in `block_tables`
+    block_tables: torch.Tensor | None  # [B, W] int32: the step's block tables (one per sequence, not per row)
     seq_lens: torch.Tensor | None  # [R] int32: the keys each row attends to (causal, its own included)
     prefills: list  # the longer prefill chunks, as the torch reference plans them
     reference: object = None  # the torch reference's whole plan, for a dtype the kernel does not take; lazily
@@ -52,11 +53,12 @@ class CpuPagedAttention(TorchPagedAttention):
         long = [s for s, (q, n) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list))
                 if q > 1 and q * n > KERNEL_MAX_PAIRS]
         prefills = self._plan_prefills(meta, long)
-        short = [s for s in range(meta.num_seqs) if s not in set(long)] if long else list(range(meta.num_seqs))
+        skip = set(long)
+        short = [s for s in range(meta.num_seqs) if s not in skip]
         if not short:
-            return _CpuPlan(meta, None, None, None, prefills)
+            return _CpuPlan(meta, None, None, None, None, prefills)
         if len(short) == meta.num_seqs and meta.max_query_len == 1:  # a decode step: the tensors as they are
-            rows, tables, lens = meta.query_start_loc[:-1].long(), meta.block_tables, meta.seq_lens
+            rows, sequence, lens = meta.query_start_loc[:-1].long(), torch.arange(meta.num_seqs), meta.seq_lens
         else:
             index = torch.tensor(short, dtype=torch.long)
             counts = torch.tensor([meta.query_lens_list[s] for s in short], dtype=torch.long)
@@ -66,8 +68,9 @@ class CpuPagedAttention(TorchPagedAttention):
             within = torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts).repeat_interleave(counts)
             rows = first_row.repeat_interleave(counts) + within
             lens = first_len.repeat_interleave(counts) + within
-            tables = meta.block_tables.index_select(0, index.repeat_interleave(counts))
-        return _CpuPlan(meta, rows.contiguous(), tables.int().contiguous(), lens.int().contiguous(), prefills)
+            sequence = index.repeat_interleave(counts)
+        return _CpuPlan(meta, rows.contiguous(), sequence, meta.block_tables.int().contiguous(),
+                        lens.int().contiguous(), prefills)
 
     def forward(self, query, key_cache, value_cache, meta):
         plan: _CpuPlan = meta.plan
@@ -80,6 +83,6 @@ class CpuPagedAttention(TorchPagedAttention):
             return out
         if plan.rows is not None:
             cpu_kernels.load().decode_attention(out, query, key_cache, value_cache, plan.block_tables,
-                                                plan.seq_lens, plan.rows, self.scale)
+                                                plan.seq_lens, plan.rows, plan.table_rows, self.scale)
         self._prefill(out, query, key_cache, value_cache, plan.prefills)
         return out

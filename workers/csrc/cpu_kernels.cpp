@@ -142,27 +142,29 @@ void check_float(const at::Tensor& t, const char* name) {
 
 // Paged attention of single query rows: entry s is packed row rows[s] (a decode token, or one token of a short
 // prefill chunk, whose tokens are then one entry each) against the first seq_lens[s] cached keys and values of
-// the sequence whose block table is block_tables[s].
-// out, query [N, H, D]; key_cache, value_cache [blocks, block_size, KVH, D] contiguous; block_tables [S, W]
-// int32; seq_lens [S] int32 (the keys entry s attends to, its own included); rows [S] int64. Query head h reads
-// KV head h / (H / KVH), as in transformers.
+// the sequence whose block table is block_tables[table_rows[s]].
+// out, query [N, H, D]; key_cache, value_cache [blocks, block_size, KVH, D] contiguous; block_tables [B, W]
+// int32; seq_lens [S] int32 (the keys entry s attends to, its own included); rows, table_rows [S] int64. Query
+// head h reads KV head h / (H / KVH), as in transformers.
 void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                      const at::Tensor& rows, double scale) {
+                      const at::Tensor& rows, const at::Tensor& table_rows, double scale) {
   check_float(out, "out");
   check_float(query, "query");
   TORCH_CHECK(key_cache.scalar_type() == at::kFloat && key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kFloat,
               "the caches must be contiguous float32 tensors of one shape");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() && block_tables.dim() == 2,
-              "block_tables must be a contiguous int32 [S, W] tensor");
+              "block_tables must be a contiguous int32 [B, W] tensor");
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(), "seq_lens must be contiguous int32");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be contiguous int64");
+  TORCH_CHECK(table_rows.scalar_type() == at::kLong && table_rows.is_contiguous(),
+              "table_rows must be contiguous int64");
   const int64_t num_seqs = rows.size(0);
   const int64_t heads = query.size(1), dim = query.size(2);
   const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == dim && heads % kv_heads == 0, "query and cache shapes disagree");
-  TORCH_CHECK(seq_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs, "one block table and length per row");
+  TORCH_CHECK(seq_lens.size(0) == num_seqs && table_rows.size(0) == num_seqs, "one table row and length per row");
   const int64_t group = heads / kv_heads, width = block_tables.size(1);
   const float* q = query.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -171,11 +173,15 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t* row_of = rows.data_ptr<int64_t>();
+  const int64_t* table_of = table_rows.data_ptr<int64_t>();
+  const int64_t num_tables = block_tables.size(0);
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t slot_stride = kv_heads * dim;
   const float fscale = static_cast<float>(scale);
   for (int64_t s = 0; s < num_seqs; ++s) {
     TORCH_CHECK(lens[s] >= 1 && (lens[s] + block_size - 1) / block_size <= width, "bad sequence length");
+    TORCH_CHECK(table_of[s] >= 0 && table_of[s] < num_tables, "table row out of range");
+    TORCH_CHECK(row_of[s] >= 0 && row_of[s] < query.size(0) && row_of[s] < out.size(0), "query row out of range");
   }
 
   // One task per row. Each token's K (all KV heads) is one contiguous run in its block; its offset is found
@@ -185,7 +191,7 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
     std::vector<int64_t> offsets;
     for (int64_t s = begin; s < end; ++s) {
       const int64_t len = lens[s], row = row_of[s];
-      const int32_t* table = tables + s * width;
+      const int32_t* table = tables + table_of[s] * width;
       const float* qrow = q + row * qs0;
       scores.resize(heads * len);
       offsets.resize(len);
