@@ -11,7 +11,8 @@ attention (gathering every sequence's K/V into a padded copy, SDPA over it, copy
 prefill (64 prompts of 20-60 tokens) took 17 ms per layer as one padded SDPA call and 2.1 ms through the kernel.
 A long chunk re-reads its keys once per query row, though, where SDPA's tiles reuse them: a chunk of 2,048 tokens
 took 84 ms through the kernel and 60 ms through SDPA. So a chunk of more than `KERNEL_MAX_PAIRS` (query, key)
-pairs goes through SDPA on its own; a decode row always takes the kernel. A dtype other than fp32 takes the torch reference's path.
+pairs goes through SDPA on its own; a decode row always takes the kernel. A dtype other than fp32 takes the torch
+reference's path.
 """
 
 from __future__ import annotations
