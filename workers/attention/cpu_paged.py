@@ -58,7 +58,7 @@ class CpuPagedAttention(TorchPagedAttention):
         short = [s for s in range(meta.num_seqs) if s not in skip]
         if not short:
             return _CpuPlan(meta, None, None, None, None, prefills)
-        if len(short) == meta.num_seqs and meta.max_query_len == 1:  # a decode step: the tensors as they are
+        if meta.max_query_len == 1:  # a decode step (every row short): the tensors as they are
             rows, sequence, lens = meta.query_start_loc[:-1].long(), torch.arange(meta.num_seqs), meta.seq_lens
         else:
             index = torch.tensor(short, dtype=torch.long)
