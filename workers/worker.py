@@ -20,6 +20,7 @@ from engine.step_messages import (PrefixLoad, SamplingSettings, ScheduledSequenc
                                   StepResult, WorkerInfo, fork_children)
 from workers.attention import default_backend_name
 from workers.cuda_graphs import CudaGraphConfig
+from workers.host_allocator import retain_freed_memory
 from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, host_memory_bytes, read_prefix_kv, slot_of
 from workers.model_runner import ModelRunner, StepInputs, load_model
 from workers.parallel import ShardPlan, broadcast_from_first
@@ -77,6 +78,8 @@ class Worker:
                    else "Check CUDA_VISIBLE_DEVICES and the NVIDIA driver")
             raise InvalidConfigError(f"device {config.device!r} asks for a GPU, but this torch ({torch.__version__}) "
                                      f"sees none. {fix}, or use device 'cpu'.")
+        if not str(config.device).startswith("cuda"):
+            retain_freed_memory()  # a CPU step's large tensors reuse the last step's pages (host_allocator.py)
         dtype = _dtype(config.dtype)
         model = load_model(config.model_path, dtype, config.device, self.shard)
         num_blocks = config.num_blocks or self._num_blocks_from_memory(dtype)
