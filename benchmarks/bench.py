@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -306,6 +307,12 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
             r = results[key]
             print(f"{label:<{width}}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
                   f"{ours / _tok_s(r):>10.2f}x")
+    if args.repeat > 1:  # best against best hides how far the rounds move: each round's ratio, one run apart
+        print("\nours / it, round by round (a round runs the setups one after the other):")
+        for key, label in labels.items():
+            if key in results and key != "ours":
+                ratios = [a / b for a, b in zip(results["ours"]["rounds_tok_s"], results[key]["rounds_tok_s"])]
+                print(f"  {label}: {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f})")
     if args.tensor_parallel_size > 1:
         print(f"\n{'ranks':<8}{'weights per rank MB':>21}{'KV blocks per rank':>20}")
         for key in ("ours", f"tp{args.tensor_parallel_size}"):

@@ -45,6 +45,9 @@ def test_mixed_workload_runs_ours_and_both_baselines(tiny_zoo, tmp_path, capsys)
     assert all(len(r["rounds_tok_s"]) == 2 and r["seconds"] > 0 for r in results.values())
     table = capsys.readouterr().out
     assert "best of 2 interleaved rounds" in table and "PEFT, each prefix's group batched" in table
+    ratios = [a / b for a, b in zip(results["ours"]["rounds_tok_s"], results["hf_static"]["rounds_tok_s"])]
+    assert (f"transformers static batch of 64, NO prefix: {ratios[0]:.2f}, {ratios[1]:.2f} "
+            f"(median {(ratios[0] + ratios[1]) / 2:.2f})") in table
 
 
 def test_scaling_workload_reports_every_configuration_and_the_paired_run(tiny_zoo, tmp_path):
