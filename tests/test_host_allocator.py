@@ -52,8 +52,9 @@ def test_the_users_own_malloc_settings_win(tmp_path):
 
 
 def test_why_not_tuned():
-    assert why_not_tuned({"MALLOC_TRIM_THRESHOLD_": "0"}) == "the user's own malloc settings (MALLOC_TRIM_THRESHOLD_)"
-    assert why_not_tuned({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}).startswith("the user's own")
+    assert why_not_tuned({"MALLOC_TRIM_THRESHOLD_": "0"}) == "the user's own malloc thresholds (MALLOC_TRIM_THRESHOLD_)"
+    assert why_not_tuned({"MALLOC_TOP_PAD_": "0", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}).endswith(
+        "(MALLOC_TOP_PAD_, glibc.malloc.mmap_threshold)")
     assert why_not_tuned({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) == "another allocator is preloaded"
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
-        assert why_not_tuned({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}) is None
+        assert why_not_tuned({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F", "MALLOC_ARENA_MAX": "2"}) is None
