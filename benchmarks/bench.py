@@ -12,6 +12,8 @@
            server exists, so its reference is the engine's offline throughput on the same requests.
 
 Every configuration runs in its own child process so its peak RSS is its own. Results also go to JSON.
+Workload 1 times the first run after a short warm-up, as a fresh server's first batch; `--warm-runs K` times K
+more in the same process and reports their best beside it, as a server that has run for a while.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--skip-baselines", action="store_true", help="mixed: run ours only")
     p.add_argument("--repeat", type=int, default=1, help="mixed and scaling: rounds of every setup, interleaved; "
                    "each setup reports its best round (default: 1)")
+    p.add_argument("--warm-runs", type=int, default=0, metavar="K", help="mixed: after the timed run, time K more "
+                   "in the same process; their best is each setup's warm rate, beside the first (default: 0)")
     p.add_argument("--peft-groups", type=int, default=None, help="mixed: time only the first N prefix groups of "
                    "the PEFT baseline (its tok/s is per generated token, so this shortens the run)")
     p.add_argument("--rates", default="0.5,1,2,4,8", help="online: Poisson arrival rates, requests per second")
@@ -80,6 +84,22 @@ def vllm_env(threads: int | None) -> dict[str, str]:
 
 
 # ---- children ---------------------------------------------------------------------------------------------------
+def _timed_runs(generate, task: dict) -> dict:
+    """Time `generate()` (it returns the tokens it made): the first run, as a fresh server's first batch, then
+    `warm_runs` more in the same process, whose best is the warm rate (a server that has run a while)."""
+    with Timer() as t:
+        tokens = generate()
+    result = {"seconds": t.seconds, "tokens": tokens}
+    again = []
+    for _ in range(task.get("warm_runs", 0)):
+        with Timer() as t:
+            generate()
+        again.append(t.seconds)
+    if again:
+        result["warm_seconds"] = min(again)
+    return result
+
+
 def _child(task: dict) -> dict:
     import torch
 
@@ -101,10 +121,12 @@ def _ours_mixed(task: dict) -> dict:
     names = [f"task{i}" for i in task["assignment"]]
     params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0.0), prefix=names[:2], use_tqdm=False)
-    with Timer() as t:
+
+    def generate() -> int:
         outs = llm.generate(prompts, params, prefix=names, use_tqdm=False)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    result = {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(),
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    result = {**_timed_runs(generate, task), "peak_rss_mb": peak_rss_mb(),
               "steps": llm.engine.stats.steps, "prefix_blocks": llm.engine.block_manager.prefix_blocks(),
               "kv_blocks": llm.engine.block_manager.num_blocks,
               "weight_mb": llm.engine.executor.info.weight_bytes / 2**20}
@@ -144,9 +166,8 @@ def _hf_model(path: str):
 def _hf_static(task: dict) -> dict:
     model = _hf_model(task["model"])
     _generate(model, task["prompts"][:2], 2, 0)
-    with Timer() as t:
-        tokens = _generate(model, task["prompts"], task["max_tokens"], 0)
-    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+    result = _timed_runs(lambda: _generate(model, task["prompts"], task["max_tokens"], 0), task)
+    return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
 def _peft_grouped(task: dict) -> dict:
@@ -160,11 +181,9 @@ def _peft_grouped(task: dict) -> dict:
         groups = dict(list(groups.items())[:task["peft_groups"]])
     models = {i: PeftModel.from_pretrained(base, task["prefixes"][i]).eval() for i in groups}
     _generate(models[next(iter(groups))], task["prompts"][:2], 2, 0)
-    tokens = 0
-    with Timer() as t:
-        for i, prompts in groups.items():
-            tokens += _generate(models[i], prompts, task["max_tokens"], 0)
-    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+    result = _timed_runs(lambda: sum(_generate(models[i], prompts, task["max_tokens"], 0)
+                                     for i, prompts in groups.items()), task)
+    return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
 def _vllm_static(task: dict) -> dict:
@@ -175,10 +194,12 @@ def _vllm_static(task: dict) -> dict:
     prompts = [{"prompt_token_ids": p} for p in task["prompts"]]
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
     params = SamplingParams(max_tokens=task["max_tokens"], temperature=0.0, ignore_eos=True)
-    with Timer() as t:
+
+    def generate() -> int:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"seconds": t.seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return {**_timed_runs(generate, task), "peak_rss_mb": peak_rss_mb()}
 
 
 def _paired_scaling(task: dict) -> dict:
@@ -251,14 +272,20 @@ def _spec_and_path(model: str | None):
     return ModelSpec.from_config(AutoConfig.from_pretrained(path)), path
 
 
-def _tok_s(result: dict) -> float:
-    return result["tokens"] / result["seconds"]
+def _tok_s(result: dict, seconds: str = "seconds") -> float:
+    return result["tokens"] / result[seconds]
 
 
 def _best_rounds(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Each setup's best round (the least disturbed one, as timeit reports), with every round's rate."""
-    return {key: {**max(rs, key=_tok_s), "rounds_tok_s": [round(_tok_s(r), 2) for r in rs]}
-            for key, rs in runs.items()}
+    """Each setup's best round (the least disturbed one, as timeit reports), with every round's rate; with warm
+    runs, also the best warm rate over the rounds and every round's."""
+    best = {}
+    for key, rs in runs.items():
+        best[key] = {**max(rs, key=_tok_s), "rounds_tok_s": [round(_tok_s(r), 2) for r in rs]}
+        if all("warm_seconds" in r for r in rs):
+            warm = [round(_tok_s(r, "warm_seconds"), 2) for r in rs]
+            best[key].update(warm_tok_s=max(warm), rounds_warm_tok_s=warm)
+    return best
 
 
 def _rounds_label(repeat: int) -> str:
@@ -270,7 +297,7 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
     prefixes = [str(write_random_prefix(tmp / f"mixed{i}", spec, 16, seed=i, model_name=path)) for i in range(16)]
     task = {"model": path, "prefixes": prefixes, "prompts": random_prompts(64, 20, 60, spec.vocab_size),
             "assignment": [i % 16 for i in range(64)], "max_tokens": max_tokens, "threads": args.threads,
-            "peft_groups": args.peft_groups}
+            "peft_groups": args.peft_groups, "warm_runs": args.warm_runs}
     kinds = {"ours": "mixed_ours"} if args.skip_baselines else {
         "ours": "mixed_ours", "hf_static": "hf_static", "peft_grouped": "peft_grouped"}
     if args.tensor_parallel_size > 1:
@@ -287,7 +314,8 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
             r = run_in_child("benchmarks.bench", {**task, "kind": kind, "tp": tp,
                                                   "engine_args": variants.get(key, {})}, python=python, env=env)
             runs[key].append(r)
-            print(f"  round {round_ + 1}, {key}: {_tok_s(r):.1f} tok/s ({r['seconds']:.1f} s)", flush=True)
+            warm = f", warm {_tok_s(r, 'warm_seconds'):.1f} tok/s" if "warm_seconds" in r else ""
+            print(f"  round {round_ + 1}, {key}: {_tok_s(r):.1f} tok/s ({r['seconds']:.1f} s){warm}", flush=True)
     results = _best_rounds(runs)
     best = _rounds_label(args.repeat)
     print(f"\nWorkload 1, mixed tasks: 64 requests over 16 prefixes (P=16), {max_tokens} new tokens, fp32{best}")
@@ -301,18 +329,27 @@ def run_mixed(args, spec, path, tmp: Path) -> dict:
         labels[f"tp{tp}"] = f"prefix-serve, {tp} tensor-parallel ranks"
     labels.update({key: f"prefix-serve, {key[5:-1]}" for key in variants})
     width = max(48, *(len(label) + 2 for label in labels.values()))
-    print(f"{'setup':<{width}}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}")
+    warm = args.warm_runs > 0
+    print(f"{'setup':<{width}}{'tok/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'ours / it':>11}"
+          + (f"{'warm tok/s':>12}{'ours / it':>11}" if warm else ""))
     for key, label in labels.items():
         if key in results:
             r = results[key]
-            print(f"{label:<{width}}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
-                  f"{ours / _tok_s(r):>10.2f}x")
+            line = (f"{label:<{width}}{_tok_s(r):>9.1f}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}"
+                    f"{ours / _tok_s(r):>10.2f}x")
+            if warm:
+                line += f"{r['warm_tok_s']:>12.1f}{results['ours']['warm_tok_s'] / r['warm_tok_s']:>10.2f}x"
+            print(line)
+    if warm:
+        print(f"(warm: the best of {args.warm_runs} more runs in the same process, after the timed one)")
     if args.repeat > 1:  # best against best hides how far the rounds move: each round's ratio, one run apart
         print("\nours / it, round by round (a round runs the setups one after the other):")
-        for key, label in labels.items():
-            if key in results and key != "ours":
-                ratios = [a / b for a, b in zip(results["ours"]["rounds_tok_s"], results[key]["rounds_tok_s"])]
-                print(f"  {label}: {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f})")
+        for rates, what in (("rounds_tok_s", ""), ("rounds_warm_tok_s", "warm, ")) if warm else (("rounds_tok_s", ""),):
+            for key, label in labels.items():
+                if key in results and key != "ours":
+                    ratios = [a / b for a, b in zip(results["ours"][rates], results[key][rates])]
+                    print(f"  {what}{label}: {', '.join(f'{x:.2f}' for x in ratios)} "
+                          f"(median {statistics.median(ratios):.2f})")
     if args.tensor_parallel_size > 1:
         print(f"\n{'ranks':<8}{'weights per rank MB':>21}{'KV blocks per rank':>20}")
         for key in ("ours", f"tp{args.tensor_parallel_size}"):

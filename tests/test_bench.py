@@ -37,17 +37,22 @@ def _run(tmp_path, *argv) -> dict:
 
 def test_mixed_workload_runs_ours_and_both_baselines(tiny_zoo, tmp_path, capsys):
     results = _run(tmp_path, "--workload", "mixed", "--model", str(tiny_zoo("llama")["model"]), "--repeat", "2",
-                   "--peft-groups", "2")["mixed"]
+                   "--peft-groups", "2", "--warm-runs", "1")["mixed"]
     assert set(results) == {"ours", "hf_static", "peft_grouped"}
     assert results["ours"]["tokens"] == results["hf_static"]["tokens"] == 64 * 2
     assert results["peft_grouped"]["tokens"] == 2 * 4 * 2  # two groups of four requests
     assert results["ours"]["prefix_blocks"] == 16  # one block per resident prefix (P=16, block size 16)
     assert all(len(r["rounds_tok_s"]) == 2 and r["seconds"] > 0 for r in results.values())
+    assert all(len(r["rounds_warm_tok_s"]) == 2 and r["warm_tok_s"] == max(r["rounds_warm_tok_s"])
+               for r in results.values())
     table = capsys.readouterr().out
     assert "best of 2 interleaved rounds" in table and "PEFT, each prefix's group batched" in table
     ratios = [a / b for a, b in zip(results["ours"]["rounds_tok_s"], results["hf_static"]["rounds_tok_s"])]
-    assert (f"transformers static batch of 64, NO prefix: {ratios[0]:.2f}, {ratios[1]:.2f} "
+    assert (f"  transformers static batch of 64, NO prefix: {ratios[0]:.2f}, {ratios[1]:.2f} "
             f"(median {(ratios[0] + ratios[1]) / 2:.2f})") in table
+    warm = [a / b for a, b in zip(results["ours"]["rounds_warm_tok_s"], results["hf_static"]["rounds_warm_tok_s"])]
+    assert f"  warm, transformers static batch of 64, NO prefix: {warm[0]:.2f}, {warm[1]:.2f}" in table
+    assert "warm tok/s" in table and "(warm: the best of 1 more runs in the same process" in table
 
 
 def test_scaling_workload_reports_every_configuration_and_the_paired_run(tiny_zoo, tmp_path):
