@@ -150,6 +150,40 @@ def test_rope_write_rejects_a_slot_outside_the_cache(kernels):
         kernels.rope_write(q, k, v, cos, sin, cache, cache.clone(), torch.tensor([0, 8]))
 
 
+def argmax_cases() -> list[torch.Tensor]:
+    """Logits rows for the argmax kernel: random, full of ties, with NaNs, all -inf, rows shorter and longer than
+    a vector (and not a multiple of it), and a strided view."""
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for rows, vocab in ((64, 49152), (1, 1), (3, 17), (5, 100), (2, 33), (7, 8)):
+        x = torch.randn(rows, vocab, generator=generator)
+        ties = torch.randint(0, 3, (rows, vocab), generator=generator).float()
+        nan = x.clone()
+        nan[0, vocab // 2] = nan[-1, -1] = float("nan")
+        cases += [x, ties, nan, torch.full((rows, vocab), float("-inf"))]
+    cases.append(torch.randn(8, 200, generator=generator)[:, 10:150])  # rows 200 apart
+    return cases
+
+
+def test_argmax_kernel_matches_torch_argmax_on_ties_nans_and_odd_widths(kernels):
+    for x in argmax_cases():
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(-1)), x.shape
+
+
+def test_greedy_tokens_take_the_kernel_on_cpu_and_torch_otherwise(kernels, monkeypatch):
+    from workers import sampler
+
+    x = torch.randn(4, 300)
+    calls = []
+    monkeypatch.setattr(sampler.cpu_kernels, "load", lambda: calls.append(1) or kernels)
+    assert torch.equal(sampler.greedy_tokens(x), x.argmax(-1)) and calls == [1]
+    for other in (x.double(), x.t(), x[0]):  # another dtype, a transposed view, one row: torch's argmax
+        assert torch.equal(sampler.greedy_tokens(other), other.argmax(dim=-1))
+    assert calls == [1]
+    monkeypatch.setattr(sampler.cpu_kernels, "load", lambda: None)  # no kernels built
+    assert torch.equal(sampler.greedy_tokens(x), x.argmax(-1))
+
+
 _OTHER_WIDTH_SCRIPT = """
 import json, torch
 from test_attention_backends import CASES, make_batch, reference_output, run_backend
@@ -157,6 +191,7 @@ from workers import cpu_kernels
 from workers.attention.cpu_paged import CpuPagedAttention
 from workers.fused_decoder import check_ops
 from workers.fused_ops import CppOps
+from test_cpu_kernels import argmax_cases
 module = cpu_kernels.load()
 errors = {"module": module.__name__ if module else cpu_kernels.failure()}
 for case in CASES:
@@ -166,6 +201,7 @@ for case in CASES:
         got, want = run_backend(backend, *batch), reference_output(case, *batch)
         errors[case.name] = (got - want).abs().max().item()
 errors["ops"] = check_ops(CppOps, torch.device("cpu"), torch.float32, 96, 6, 2, 16)
+errors["argmax"] = sum(not torch.equal(module.argmax_rows(x), x.argmax(-1)) for x in argmax_cases())
 print(json.dumps(errors))
 """
 
@@ -189,4 +225,5 @@ def test_kernels_built_for_narrower_vectors_match_the_reference(capability):
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert errors.pop("module") == f"prefix_serve_cpu_kernels_{capability}"
     assert errors.pop("ops") is None
+    assert errors.pop("argmax") == 0
     assert errors and max(errors.values()) <= 1e-5, errors

@@ -25,7 +25,7 @@ from workers.kv_cache import HostPrefixCache, KVCache, extend_slots, host_memory
 from workers.model_runner import ModelRunner, StepInputs, load_model
 from workers.parallel import ShardPlan, broadcast_from_first
 from workers.prefix_fetch import PrefixFetcher, describe_failure
-from workers.sampler import SampleRow, sample, sample_on_device
+from workers.sampler import SampleRow, greedy_tokens, sample, sample_on_device
 
 
 @dataclass
@@ -343,7 +343,7 @@ class RunSampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.greedy:
-            return logits.argmax(dim=-1)
+            return greedy_tokens(logits)
         return sample_on_device(logits, self.temperature, self.top_k, self.top_p, self.filtered)
 
 
