@@ -114,6 +114,14 @@ class HostPrefixCache:
             self.nbytes -= value.numel() * value.element_size()
 
 
+def _anonymous_memory(nbytes: int) -> mmap.mmap:
+    """Zero pages, each taken on its first write. A private mapping where there is one: Python's default is a
+    shared one, backed by shmem, whose first write of a page took 2.1-2.7 us here against 1.4-1.5 us."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, nbytes)  # Windows: anonymous memory of its own kind
+
+
 class KVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
                  prefault: bool = False):
@@ -127,7 +135,7 @@ class KVCache:
             nbytes = math.prod(shape) * dtype.itemsize
             if prefault:
                 _check_available(nbytes)
-            self._buffer = mmap.mmap(-1, nbytes)
+            self._buffer = _anonymous_memory(nbytes)
             self.data = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
             if prefault:  # every page written now (by torch's threads), not on a block's first use
                 self.data.zero_()
