@@ -7,7 +7,7 @@ on a machine pays the build (about 20 s on 2 cores).
   gathering every sequence's K/V into a padded copy for SDPA;
 - `add_rmsnorm`, `rope_write`, `silu_mul`: the element-wise parts of a Llama-family layer, one pass over their
   rows each (the fused decoder's `CppOps`);
-- `argmax_rows`: the greedy tokens of a batch's logits, torch.argmax's answer about 4x faster
+- `argmax_rows`: the greedy tokens of a batch's logits, torch.argmax's answer 3-4x faster
   (`workers.sampler.greedy_tokens`).
 
 They are compiled for the vector width PyTorch uses on this CPU (AVX-512, AVX2, or plain C++ elsewhere) and take

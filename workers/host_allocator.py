@@ -3,8 +3,9 @@
 A CPU forward allocates tensors of several MB every step (activations, the logits of a decode batch). By default
 glibc serves a large allocation from a fresh mapping and unmaps it when freed, and returns free memory at the top
 of a heap to the system once it passes the trim threshold; either way the next step's tensors fault their pages
-in again, and the kernel zeroes each one. Workload 1 on SmolLM2 took about 110,000 such page faults (450 MB) per
-timed run, 2-6% of its time; with the settings below, about 550 once warm (docs/performance.md, session 25).
+in again, and the kernel zeroes each one. Workload 1 on SmolLM2 took about 110,000 such page faults (450 MB) in
+every run; with the settings below, about 550 once warm, and its first run after startup took 2% less time and
+later runs 8% less (docs/performance.md, session 25).
 
 So a CPU worker raises the mmap threshold to its ceiling (32 MiB) and the trim threshold to 1 GiB: freed memory
 stays with the process and is reused. Peak RSS is unchanged; memory a burst took is kept for the next one, as a
