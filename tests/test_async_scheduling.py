@@ -155,7 +155,7 @@ def test_async_scheduling_is_token_identical_to_one_step_at_a_time_on_random_wor
 def test_async_greedy_output_matches_peft_forward_under_preemption_and_decode_runs(tiny_zoo):
     entry = tiny_zoo("llama")
     expected = _expected(entry)
-    llm, got = _run(entry, block_size=4, num_kv_blocks=24, async_scheduling=True)
+    llm, got = _run(entry, resident=True, block_size=4, num_kv_blocks=24, async_scheduling=True)
     assert got == expected
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats.overlapped_steps > 0
     llm.check_integrity()

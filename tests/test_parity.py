@@ -27,10 +27,25 @@ def _expected(zoo_entry) -> list[list[int]]:
             for prompt, p in zip(PROMPTS, PREFIXES)]
 
 
-def _run(zoo_entry, **llm_kwargs) -> tuple[LLM, list[list[int]]]:
+def make_resident(llm: LLM, names) -> None:
+    """Materialize each prefix with a one-token request, so that a later batch finds them all in KV blocks.
+
+    A test that needs a preemption uses this: prefixes not yet resident are read in the background, and when a
+    read finishes late (a loaded machine) its sequences start late, after the others have finished and freed the
+    blocks the preemption needed."""
+    names = list(names)
+    llm.generate([{"prompt_token_ids": [1]}] * len(names), SamplingParams(max_tokens=1, temperature=0.0),
+                 prefix=names, use_tqdm=False)
+    engine = llm.engine
+    assert all(engine.block_manager.is_resident(engine.prefixes.resolve(name)[0]) for name in names)
+
+
+def _run(zoo_entry, resident: bool = False, **llm_kwargs) -> tuple[LLM, list[list[int]]]:
     llm = LLM(model=str(zoo_entry["model"]), skip_tokenizer_init=True, **llm_kwargs)
     for name, path in zoo_entry["adapters"].items():
         llm.load_prefix(name, str(path))
+    if resident:
+        make_resident(llm, sorted({p for p in PREFIXES if p}))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outs]
@@ -61,7 +76,7 @@ def test_chunked_prefill_matches_peft_forward(tiny_zoo, arch):
 def test_preemption_keeps_greedy_output_identical(tiny_zoo, arch):
     entry = tiny_zoo(arch)
     # 5 sequences of up to 16+17+10 tokens in 4-token blocks cannot all fit in 24 blocks at once
-    llm, got = _run(entry, block_size=4, num_kv_blocks=24)
+    llm, got = _run(entry, resident=True, block_size=4, num_kv_blocks=24)
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == _expected(entry)
     llm.check_integrity()
