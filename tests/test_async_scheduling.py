@@ -160,7 +160,7 @@ def test_async_greedy_output_matches_peft_forward_under_preemption_and_decode_ru
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats.overlapped_steps > 0
     llm.check_integrity()
     llm.shutdown()
-    llm, got = _run(entry, block_size=4, decode_steps=4, max_num_batched_tokens=6, async_scheduling=True)
+    llm, got = _run(entry, resident=True, block_size=4, decode_steps=4, max_num_batched_tokens=6, async_scheduling=True)
     assert got == expected
     assert llm.engine.stats.decode_run_steps > 0 and llm.engine.stats.overlapped_steps > 0
     llm.shutdown()
