@@ -27,13 +27,14 @@ def _expected(zoo_entry) -> list[list[int]]:
             for prompt, p in zip(PROMPTS, PREFIXES)]
 
 
-def make_resident(llm: LLM, names) -> None:
-    """Materialize each prefix with a one-token request, so that a later batch finds them all in KV blocks.
+def make_resident(llm: LLM) -> None:
+    """Materialize each prefix of PREFIXES with a one-token request, so that a later batch finds them all in KV
+    blocks.
 
     A test that needs a preemption uses this: prefixes not yet resident are read in the background, and when a
     read finishes late (a loaded machine) its sequences start late, after the others have finished and freed the
     blocks the preemption needed."""
-    names = list(names)
+    names = sorted({p for p in PREFIXES if p})
     llm.generate([{"prompt_token_ids": [1]}] * len(names), SamplingParams(max_tokens=1, temperature=0.0),
                  prefix=names, use_tqdm=False)
     engine = llm.engine
@@ -45,7 +46,7 @@ def _run(zoo_entry, resident: bool = False, **llm_kwargs) -> tuple[LLM, list[lis
     for name, path in zoo_entry["adapters"].items():
         llm.load_prefix(name, str(path))
     if resident:
-        make_resident(llm, sorted({p for p in PREFIXES if p}))
+        make_resident(llm)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outs]

@@ -24,7 +24,7 @@ SETTINGS = dict(skip_tokenizer_init=True, block_size=4, num_kv_blocks=14, max_nu
 def _generate(llm: LLM, entry) -> list[list[int]]:
     for name, path in entry["adapters"].items():
         llm.load_prefix(name, str(path))
-    make_resident(llm, sorted({p for p in PREFIXES if p}))  # a late read would leave nothing to preempt
+    make_resident(llm)  # a late read would leave nothing to preempt
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, prefix=PREFIXES, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]

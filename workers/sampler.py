@@ -18,7 +18,8 @@ from workers import cpu_kernels
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits [R, vocab] -> each row's argmax, the first index on ties (torch.argmax's answer). fp32 logits on a
-    CPU go through the C++ kernel: 0.27 against 1.17 ms for a decode batch of 64 x 49,152 on 2 threads."""
+    CPU go through the C++ kernel: 0.27 ms against torch.argmax's 0.85-1.17 ms for a decode batch of
+    64 x 49,152 on 2 threads."""
     if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
             and logits.size(1) > 0 and logits.stride(1) == 1):
         kernels = cpu_kernels.load()
