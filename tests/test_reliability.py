@@ -466,28 +466,43 @@ def test_many_long_stop_strings_do_not_delay_another_stream(server):
 
 
 def test_a_long_prefix_path_or_a_huge_body_does_not_delay_another_stream(server):
-    """Issue 15 finding 2: a 1 MB path in /v1/load_prefix froze the engine loop for 26 s (a quadratic resolve)."""
-    async def attack(session):
+    """Issue 15 finding 2: a 1 MB path in /v1/load_prefix froze the engine loop for 26 s (a quadratic resolve).
+
+    Each attack has its own victim stream: behind the paths, the victim could end before the body was sent.
+    The body is parsed on the event loop (docs/reliability.md), so its victim waits for that parse and should
+    wait for nothing else. The parse's time is mostly page faults for about 250 MB of new objects: it took
+    0.11-0.14 s in a fresh server and 0.9-1.8 s in this module's server once the tests before it had run, most of
+    that system time; so its bound is not 1 s. That the collector stays paused while it parses,
+    which made the same body take seconds, is checked on its own in tests/test_server_units.py."""
+    async def paths(session):
         answers = []
         for path in ("/a" * 500_000, "/b" * 2000, "a/" * 2040):  # 1 MB; 4,000 bytes of components; relative
             async with session.post(server.url + "/v1/load_prefix", json={"prefix_name": "p", "prefix_path": path},
                                     headers=AUTH) as response:
                 answers.append(response.status)
-        from engine.serving.protocol import MAX_BODY_BYTES
+        return answers
 
-        # just under the body limit: millions of objects to build, the costliest JSON to parse per byte
-        empty_lists = b'{"prompt": [' + b"[]," * ((MAX_BODY_BYTES - 20) // 3) + b"[]]}"
+    gap, answers = _victim_gap_during(server, paths)
+    FIGURES["victim_gap_long_paths_s"] = round(gap, 3)
+    assert gap < 1.0, gap
+    assert answers == [400, 403, 403], answers
+
+    from engine.serving.protocol import MAX_BODY_BYTES
+
+    # just under the body limit: millions of objects to build, the costliest JSON to parse per byte
+    empty_lists = b'{"prompt": [' + b"[]," * ((MAX_BODY_BYTES - 20) // 3) + b"[]]}"
+
+    async def body(session):
         started = time.monotonic()
         async with session.post(server.url + "/v1/completions", data=empty_lists,
                                 headers={**AUTH, "Content-Type": "application/json"}) as response:
-            answers.append(response.status)
-        FIGURES["empty_lists_body_seconds"] = round(time.monotonic() - started, 3)
-        return answers
+            return response.status, time.monotonic() - started
 
-    gap, answers = _victim_gap_during(server, attack)
-    FIGURES["victim_gap_long_path_and_huge_body_s"] = round(gap, 3)
-    assert gap < 1.0, gap
-    assert answers == [400, 403, 403, 400], answers
+    gap, (status, seconds) = _victim_gap_during(server, body)
+    FIGURES["empty_lists_body_seconds"] = round(seconds, 3)
+    FIGURES["victim_gap_huge_body_s"] = round(gap, 3)
+    assert status == 400
+    assert gap < seconds + 0.5 and gap < 5.0, (gap, seconds)
 
 
 # ---- a wedged engine, then a killed one ------------------------------------------------------------------------

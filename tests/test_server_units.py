@@ -137,6 +137,31 @@ def test_error_body_has_openai_shape():
                               "code": "UnknownPrefixError"}}
 
 
+def test_a_body_of_many_objects_is_parsed_with_the_garbage_collector_paused():
+    """The cyclic collector made a body of millions of empty lists take seconds to build (issue 15 finding 2); the
+    parse runs with it paused, and leaves it as it found it, also when the body is not JSON."""
+    import gc
+
+    collections = []
+
+    def note(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    body = b'{"prompt": [' + b"[]," * 300_000 + b"[]]}"  # 300,001 new containers: gen-0 collections by the hundred
+    gc.callbacks.append(note)
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            assert len(protocol.parse_json_body(body, None)["prompt"]) == 300_001
+            with pytest.raises(protocol.BadRequestError, match="The request body is not valid JSON"):
+                protocol.parse_json_body(body[:-1], None)
+            assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+        gc.callbacks.remove(note)
+    assert collections == []
+
 # ---- incremental detokenization ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):

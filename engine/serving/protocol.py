@@ -25,9 +25,10 @@ from engine.errors import InvalidPromptError, InvalidSamplingParamsError, Prefix
 from engine.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# The body is parsed on the event loop, holding the GIL: this bounds how long one body can hold back every stream
-# (about 0.25 s for 8 MiB of the costliest shape, millions of empty lists). A prompt that fills a 128k context is
-# under 1 MiB, as text or as token ids.
+# The body is parsed on the event loop, holding the GIL: this bounds how long one body can hold back every stream.
+# 8 MiB of the costliest shape (millions of empty lists, about 250 MB of new objects) took 0.11-0.14 s to parse in
+# a fresh server on two cores, and 0.9-1.8 s in one that had served the reliability tests, most of it the kernel's
+# page faults (docs/reliability.md). A prompt that fills a 128k context is under 1 MiB, as text or as token ids.
 MAX_BODY_BYTES = 8 << 20
 MAX_NAME_BYTES = 255  # a model or prefix name; a prefix name is also a directory name (NAME_MAX)
 MAX_PATH_BYTES = 4096  # a prefix path (PATH_MAX); each of its components is at most MAX_NAME_BYTES
